@@ -1,0 +1,68 @@
+"""The activation file format that stage 1 writes and stage 2 reads: Arrow IPC stream files.
+
+    from pipeline.activations import write_activations, read_activations
+    write_activations(path, ids, vectors, n_tokens, metadata={"layer": "20"})
+    ids, vectors, n_tokens, metadata = read_activations(path)     # vectors: np.float32 [N, d_model]
+
+Columns: ``id`` (string), ``activation`` (fixed_size_list<float32|float16>[d_model]), ``n_tokens``
+(int32). The stream format is what ``datasets.Dataset.from_file`` memory-maps, and pyarrow reads
+it with ``pa.ipc.open_stream``.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import PipelineError
+
+
+def activation_schema(d_model: int, dtype: str, metadata: dict) -> pa.Schema:
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    fields = [
+        pa.field("id", pa.string()),
+        pa.field("activation", pa.list_(value_type, d_model)),
+        pa.field("n_tokens", pa.int32()),
+    ]
+    return pa.schema(fields, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def write_activations(path, ids: list[str], vectors: np.ndarray, n_tokens: list[int], metadata: dict,
+                      dtype: str = "float32") -> None:
+    """Write one file; ``vectors`` is [rows, d_model] float32 in input order."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    d_model = vectors.shape[1]
+    schema = activation_schema(d_model, dtype, metadata)
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np_dtype).reshape(-1))
+    table = pa.table(
+        [pa.array(ids, pa.string()), pa.FixedSizeListArray.from_arrays(flat, d_model), pa.array(n_tokens, pa.int32())],
+        schema=schema,
+    )
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_table(table)
+
+
+def read_activations(path) -> tuple[list[str], np.ndarray, list[int], dict]:
+    """(ids, vectors [N, d_model] float32, n_tokens, metadata) of one activation file."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise PipelineError(f"{path}: not a readable activation file ({str(e).splitlines()[0]})") from e
+    missing = {"id", "activation"} - set(table.column_names)
+    if missing:
+        raise PipelineError(f"{path}: activation file lacks column(s) {sorted(missing)}")
+    act_type = table.schema.field("activation").type
+    if not pa.types.is_fixed_size_list(act_type):
+        raise PipelineError(f"{path}: column 'activation' is {act_type}, expected a fixed-size list of floats")
+    width = act_type.list_size
+    flat = table.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = flat.astype(np.float32, copy=False).reshape(-1, width)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    n_tokens = table.column("n_tokens").to_pylist() if "n_tokens" in table.column_names else [0] * len(vectors)
+    return table.column("id").to_pylist(), vectors, n_tokens, meta
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False)

@@ -1,0 +1,86 @@
+"""Command line: ``nla-pipeline {extract,verbalize,run,status} --config FILE [key=value ...]``.
+
+    nla-pipeline run --config configs/tiny.yaml                 # offline demo, CPU
+    nla-pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml model.dtype=float32
+    nla-pipeline verbalize --config configs/qwen2.5-7b-l20-av-v2.yaml --overwrite
+    accelerate launch --num_processes 8 -m pipeline run --config configs/qwen2.5-7b-l20-av-v2.yaml
+
+Every PipelineError becomes one line on stderr and exit status 1; nothing else is caught.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import describe_keys, load_config
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.cli")
+
+COMMANDS = {
+    "extract": "stage 1: prompts -> layer activations (Arrow)",
+    "verbalize": "stage 2: activations -> explanations (Parquet)",
+    "run": "extract, then verbalize",
+    "status": "chunks done and pending, per stage",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nla-pipeline",
+        description="Verbalize a language model's activations with an NLA verbalizer, at dataset scale.",
+        epilog="config keys (override any with key=value):\n" + describe_keys(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog="config keys:\n" + describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. model.dtype=float32")
+        if name != "status":
+            p.add_argument("--overwrite", action="store_true", help="delete this stage's previous output and start clean")
+    return parser
+
+
+def _dispatch(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "status":
+        from pipeline.status import print_status
+
+        print_status(cfg)
+        return 0
+    from pipeline.runtime import init_runtime
+
+    rt = init_runtime(cfg)
+    results = []
+    if args.command in ("extract", "run"):
+        from pipeline import extract
+
+        results.append(extract.run(cfg, rt, overwrite=args.overwrite))
+    if args.command in ("verbalize", "run"):
+        from pipeline import verbalize
+
+        results.append(verbalize.run(cfg, rt, overwrite=args.overwrite))
+    if rt.is_main:
+        from pipeline.summary import print_summary
+
+        print_summary(results)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PipelineError as e:
+        print(f"nla-pipeline {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nla-pipeline {args.command}: interrupted; finished chunks are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

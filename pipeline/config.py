@@ -1,0 +1,225 @@
+"""Typed run configuration: YAML file, then ``key=value`` overrides, unknown keys refused.
+
+    from pipeline.config import load_config
+    cfg = load_config("configs/tiny.yaml", ["model.dtype=float32", "data.chunk_rows=64"])
+    cfg.extract.layer        # 20
+    print(describe_keys())   # every key with its one-line doc (used by --help)
+
+Every field carries its doc in ``metadata["help"]``; the README's key table is the same text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    base: str = _f("Qwen/Qwen2.5-7B-Instruct", "base model: HF id, local directory, or builtin:tiny")
+    adapter: str | None = _f(None, "verbalizer LoRA: HF id, local directory, or builtin:tiny-lora (stage 2)")
+    dtype: str = _f("auto", "auto|bfloat16|float16|float32; auto is bfloat16 on CUDA, float32 on CPU")
+    device: str = _f("auto", "auto|cpu|cuda; auto picks this process's GPU when there is one")
+    attn_implementation: str = _f("sdpa", "attention kernel passed to from_pretrained (sdpa|eager|flash_attention_2)")
+    allow_adapter_base_mismatch: bool = _f(False, "load an adapter whose recorded base differs from model.base")
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = _f([], "Parquet files or globs, in order; empty means the bundled sample prompts")
+    prompt_column: str = _f("prompt", "column holding each prompt (rendered as one user message)")
+    id_column: str = _f("id", "column holding row ids; when absent the id is '<file stem>:<row index>'")
+    chunk_rows: int = _f(256, "rows per chunk, the unit of work, output file and resume")
+
+
+@dataclass
+class ExtractConfig:
+    output_dir: str = _f("outputs/extract", "where activation Arrow files are written")
+    layer: int = _f(20, "decoder layer whose output is kept (model.model.layers[layer])")
+    max_batch_tokens: int = _f(8192, "token budget per forward pass, padding included")
+    output_dtype: str = _f("float32", "float32|float16 for the stored activation vectors")
+    with_adapter: bool = _f(False, "extract with model.adapter active (the card's bug; off by default)")
+
+
+@dataclass
+class VerbalizerConfig:
+    prompt_template: str = _f("", "verbalizer prompt with {depth_pct} and {injection_char} placeholders")
+    chat_template: bool = _f(False, "wrap the prompt in the chat template as one user message")
+    add_special_tokens: bool = _f(True, "add_special_tokens when encoding the prompt")
+    injection_char: str = _f("㈎", "the character whose embedding is replaced by the activation")
+    injection_norm: float = _f(150.0, "L2 norm each vector is normalized to (never multiplied by)")
+    depth_pct: int | None = _f(None, "depth named in the prompt; null means round(100*(layer+0.5)/num_layers)")
+    neighbor_token_ids: list[int] | None = _f(None, "optional [left, right] token ids required beside the injection token")
+    stop_string: str | None = _f("</explanation>", "text that ends an explanation (cut, not kept); null for none")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(120, "most tokens generated per row")
+    do_sample: bool = _f(False, "sampling; the card decodes greedily")
+    repetition_penalty: float = _f(1.05, "penalty over generated tokens (Qwen2.5-Instruct's default)")
+    temperature: float = _f(0.7, "used only when do_sample is true")
+    top_p: float = _f(0.8, "used only when do_sample is true")
+    top_k: int = _f(20, "used only when do_sample is true")
+    eos_token_ids: list[int] = _f([151645, 151643], "token ids that end generation")
+    pad_token_id: int = _f(151643, "pad id for finished rows")
+
+
+@dataclass
+class VerbalizeConfig:
+    input_dir: str | None = _f(None, "activation files to read; null means extract.output_dir")
+    output_dir: str = _f("outputs/verbalize", "where explanation Parquet files are written")
+    batch_size: int = _f(64, "vectors per generate call")
+    merge_lora: bool = _f(True, "merge the LoRA into the weights for inference (peft merge_and_unload)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
+    log_level: str = _f("INFO", "logging level for the console and the per-rank log files")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def verbalize_input_dir(self) -> str:
+        return self.verbalize.input_dir or self.extract.output_dir
+
+
+def _check_type(value, tp, key: str):
+    """Coerce/validate one YAML value against a field's annotation; ints may stand for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _check_type(value, next(a for a in args if a is not type(None)), key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise PipelineError(f"config key {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, key) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise PipelineError(f"config key {key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj, updates: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in updates.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise PipelineError(f"unknown config key {key!r}; valid keys: nla-pipeline --help")
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(v, dict):
+                raise PipelineError(f"config key {key}: expected a mapping of its sub-keys")
+            _apply(current, v, key + ".")
+        else:
+            setattr(obj, k, _check_type(v, hints[k], key))
+
+
+def _parse_override(item: str) -> dict:
+    if "=" not in item:
+        raise PipelineError(f"override {item!r} is not key=value (for example model.dtype=float32)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _load_yaml(cfg: Config, path: Path, seen: tuple = ()) -> None:
+    """Apply one YAML file; ``inherit: other.yaml`` (relative to it) is applied first."""
+    if path.resolve() in seen:
+        raise PipelineError(f"config {path}: 'inherit' loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise PipelineError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise PipelineError(f"config {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise PipelineError(f"config {path}: expected a mapping at the top level")
+    parent = data.pop("inherit", None)
+    if parent:
+        _load_yaml(cfg, path.parent / parent, seen + (path.resolve(),))
+    _apply(cfg, data)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
+    cfg = Config()
+    if path:
+        _load_yaml(cfg, Path(path))
+    for item in overrides:
+        _apply(cfg, _parse_override(item))
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    choices = {
+        "model.dtype": (cfg.model.dtype, ("auto", "bfloat16", "float16", "float32")),
+        "model.device": (cfg.model.device, ("auto", "cpu", "cuda")),
+        "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise PipelineError(f"config key {key}: {value!r} is not one of {'|'.join(allowed)}")
+    for key, value in (("data.chunk_rows", cfg.data.chunk_rows), ("extract.max_batch_tokens", cfg.extract.max_batch_tokens),
+                       ("verbalize.batch_size", cfg.verbalize.batch_size),
+                       ("generation.max_new_tokens", cfg.generation.max_new_tokens)):
+        if value < 1:
+            raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+
+
+def describe_keys() -> str:
+    """``section.key  default  doc`` for every key, for --help and the README."""
+    lines = []
+
+    def walk(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                shown = json.dumps(value, ensure_ascii=False)
+                shown = shown if len(shown) < 24 else shown[:21] + "..."
+                lines.append(f"  {prefix + f.name:<36} {shown:<24} {f.metadata.get('help', '')}")
+
+    walk(Config())
+    return "\n".join(lines)
+
+
+def fingerprint(settings: dict) -> str:
+    """A short stable hash of the settings that change a stage's outputs."""
+    blob = json.dumps(settings, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

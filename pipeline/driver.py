@@ -1,0 +1,112 @@
+"""The stage driver: list work, refuse a mismatched resume, skip what is done, split the rest by rank.
+
+    from pipeline.driver import run_stage
+    result = run_stage(ExtractStage(cfg, rt), cfg, rt, overwrite=False)
+    result.rows, result.seconds, result.out_dir
+
+A stage object supplies ``out`` (a StageDir), ``plan()`` (every Unit, in input order),
+``settings()`` (what changes its outputs), ``setup()`` (load models; called only if there is work)
+and ``process(unit)`` (write one chunk atomically, return its stats). The driver owns the rest.
+
+Work split: rank r takes ``pending[r::world_size]``, where ``pending`` is the units without a final
+file. Every rank computes the same list from the same directory listing at start-up (after a
+barrier), so no chunk is done twice or skipped, and a resume may use any number of processes.
+There is no collective at the end: a rank with less work simply exits.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from pipeline.config import fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    shard: str      # shard directory name, e.g. "00000-train"
+    index: int      # chunk index within the shard
+    num_rows: int
+    source: object  # what process() reads: a shards.Chunk or an input file path
+
+
+@dataclass
+class StageResult:
+    stage: str
+    out_dir: str
+    rows: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    skipped_chunks: int = 0
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def _mark_complete_shards(stage, units: list[Unit], shards: set[str] | None = None) -> None:
+    by_shard: dict[str, list[Unit]] = {}
+    for u in units:
+        by_shard.setdefault(u.shard, []).append(u)
+    for name, shard_units in by_shard.items():
+        if shards is not None and name not in shards:
+            continue
+        if stage.shard_ready(name) and all(stage.out.chunk_done(name, u.index) for u in shard_units):
+            stage.out.mark_complete(name, {"chunks": len(shard_units), "rows": sum(u.num_rows for u in shard_units)})
+
+
+def prepare_output(stage, cfg, rt, overwrite: bool) -> None:
+    """Rank 0 wipes (on --overwrite), checks the fingerprint and writes it; then everyone syncs."""
+    settings = stage.settings()
+    fp = fingerprint(settings)
+    if rt.is_main:
+        if overwrite:
+            stage.out.wipe()
+        stage.out.check_fingerprint(fp, settings)
+        stage.out.write_fingerprint(fp, settings, cfg.to_dict())
+        removed = stage.out.clean_stale_tmp()
+        if removed:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", stage.name, removed)
+    rt.barrier()
+
+
+def run_stage(stage, cfg, rt, overwrite: bool = False) -> StageResult:
+    units = stage.plan()
+    rt.setup_logging(cfg.log_level, stage.out.log_path(rt.rank))
+    prepare_output(stage, cfg, rt, overwrite)
+    pending = [u for u in units if not stage.out.chunk_done(u.shard, u.index)]
+    mine = pending[rt.rank :: rt.world_size]
+    result = StageResult(stage.name, str(stage.out.root), skipped_chunks=len(units) - len(pending))
+    log.info("%s: %d chunk(s) in all, %d already done, %d pending; this rank (%d of %d) takes %d",
+             stage.name, len(units), result.skipped_chunks, len(pending), rt.rank, rt.world_size, len(mine))
+    if mine:
+        stage.setup()
+    start = time.perf_counter()
+    total_rows = sum(u.num_rows for u in pending)
+    bar = tqdm(total=total_rows, desc=stage.name, unit="row", dynamic_ncols=True, disable=not rt.is_main)
+    with bar:
+        for unit in mine:
+            stats = stage.process(unit)
+            result.rows += unit.num_rows
+            result.chunks += 1
+            for k, v in stats.items():
+                result.stats[k] = result.stats.get(k, 0) + v
+            _mark_complete_shards(stage, units, {unit.shard})
+            # Rank 0's bar shows every rank's progress: count the finished files of pending units.
+            done = result.rows if rt.world_size == 1 else sum(
+                u.num_rows for u in pending if stage.out.chunk_done(u.shard, u.index))
+            bar.update(done - bar.n)
+            if "tokens" in result.stats:
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tok_s=f"{result.stats['tokens'] / elapsed:,.0f}", refresh=False)
+    result.seconds = time.perf_counter() - start
+    _mark_complete_shards(stage, units)
+    if mine:
+        log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
+                 result.rows, result.chunks, result.seconds, result.rows_per_s)
+    return result

@@ -1,0 +1,131 @@
+"""Input side: resolve ``data.paths`` to Parquet shards, split them into chunks, read one chunk.
+
+    from pipeline.shards import resolve_shards, plan_chunks, read_prompts
+    shards = resolve_shards(cfg.data)          # validated before any model work
+    for chunk in plan_chunks(shards, cfg.data.chunk_rows):
+        ids, prompts = read_prompts(chunk, cfg.data)
+
+A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
+it, so memory stays bounded whatever the shard's size.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # position in the resolved input list; fixes output order
+    path: str
+    num_rows: int
+    has_id_column: bool
+
+    @property
+    def name(self) -> str:
+        """Output directory name: index keeps input order under a plain sort, stem keeps it readable."""
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.path).stem)
+        return f"{self.index:05d}-{stem}"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    shard: Shard
+    index: int
+    start: int  # first row (inclusive)
+    stop: int   # last row (exclusive)
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+
+def sample_prompts_path() -> str:
+    return str(resources.files("pipeline") / "data" / "sample_prompts.parquet")
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        if not matches:
+            raise PipelineError(f"data.paths: {pattern!r} matched no files")
+        files.extend(m for m in matches if m not in files)
+    return files
+
+
+def _open(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise PipelineError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
+
+
+def resolve_shards(data_cfg) -> list[Shard]:
+    """Expand globs, open every file and check its columns, so bad input fails before model work."""
+    files = _expand(data_cfg.paths) if data_cfg.paths else [sample_prompts_path()]
+    shards = []
+    for i, path in enumerate(files):
+        pf = _open(path)
+        schema = pf.schema_arrow
+        col = data_cfg.prompt_column
+        if col not in schema.names:
+            raise PipelineError(
+                f"{path}: no column {col!r} (columns: {', '.join(schema.names)}); set data.prompt_column"
+            )
+        if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
+            raise PipelineError(f"{path}: column {col!r} holds {schema.field(col).type}, not strings")
+        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names))
+    return shards
+
+
+def plan_chunks(shards: list[Shard], chunk_rows: int) -> list[Chunk]:
+    return [
+        Chunk(s, j, start, min(start + chunk_rows, s.num_rows))
+        for s in shards
+        for j, start in enumerate(range(0, s.num_rows, chunk_rows))
+    ]
+
+
+def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a Parquet file, reading only the row groups that cover them."""
+    pf = _open(path)
+    groups, first_row, offset = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        if offset < stop and offset + n > start:
+            groups.append(g)
+            first_row = offset if first_row is None else first_row
+        offset += n
+    if not groups:
+        return pf.schema_arrow.empty_table().select(columns)
+    table = pf.read_row_groups(groups, columns=columns)
+    return table.slice(start - first_row, stop - start)
+
+
+def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list[str]]:
+    """(ids, prompts) of one chunk; a null prompt is an error that names its row."""
+    shard = chunk.shard
+    columns = [data_cfg.prompt_column] + ([data_cfg.id_column] if shard.has_id_column else [])
+    table = read_rows(shard.path, chunk.start, chunk.stop, columns)
+    prompts = table.column(data_cfg.prompt_column).to_pylist()
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise PipelineError(
+                f"{shard.path}: row {chunk.start + i}: prompt is {p!r}, not a string (column {data_cfg.prompt_column!r})"
+            )
+    if shard.has_id_column:
+        ids = [str(v) for v in table.column(data_cfg.id_column).to_pylist()]
+    else:
+        stem = Path(shard.path).stem
+        ids = [f"{stem}:{chunk.start + i}" for i in range(len(prompts))]
+    return ids, prompts

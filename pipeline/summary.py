@@ -1,0 +1,43 @@
+"""The short report printed after a run: rows, rows/s, where outputs are, three sample explanations.
+
+    from pipeline.summary import print_summary
+    print_summary([extract_result, verbalize_result])     # rank 0 only
+"""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _samples(out_dir: str, n: int = 3) -> list[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    from pipeline.layout import StageDir
+
+    picked: list[tuple[str, str]] = []
+    for path in StageDir(out_dir, ".parquet").chunk_files():
+        table = pq.read_table(path, columns=["id", "explanation"])
+        for row_id, text in zip(table.column("id").to_pylist(), table.column("explanation").to_pylist()):
+            if text:
+                picked.append((row_id, text))
+            if len(picked) == n:
+                return picked
+    return picked
+
+
+def print_summary(results) -> None:
+    lines = []
+    for r in results:
+        line = f"{r.stage}: {r.rows} row(s) in {r.chunks} chunk(s), {r.seconds:.1f}s, {r.rows_per_s:.1f} rows/s"
+        if r.skipped_chunks:
+            line += f" ({r.skipped_chunks} chunk(s) already done)"
+        if r.stats.get("computed_tokens"):
+            line += f", padding {100 * (1 - r.stats['tokens'] / r.stats['computed_tokens']):.1f}%"
+        if r.stats.get("bad_rows"):
+            line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
+        lines.append(line + f"\n  output: {r.out_dir}")
+        if r.stage == "verbalize":
+            for row_id, text in _samples(r.out_dir):
+                lines.append(f"  [{row_id}] {text[:160]!r}")
+    print("\n".join(lines), flush=True)

