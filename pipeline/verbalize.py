@@ -1,0 +1,165 @@
+"""Stage 2: activation files -> explanations (Parquet), by injecting each vector at the ㈎ token.
+
+    nla-pipeline verbalize --config configs/tiny.yaml
+    nla-pipeline verbalize --config configs/qwen2.5-7b-l20-av-v2.yaml verbalize.batch_size=256
+
+    from pipeline.verbalize import generate_explanations
+    rows = generate_explanations(model, tokenizer, prompt, vectors, cfg)   # [(text, finished, n), ...]
+
+This is the card's protocol with its two example bugs fixed: everything ``generate`` returns is
+decoded (it returns only new tokens when given ``inputs_embeds``), then cut at the stop string.
+Every row has the same prompt, so batches need no padding; the attention mask is still explicit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import __version__
+from pipeline.activations import read_activations
+from pipeline.config import fingerprint
+from pipeline.driver import Unit
+from pipeline.errors import PipelineError
+from pipeline.layout import FINGERPRINT, StageDir
+from pipeline.modeling import load_model_config, load_tokenizer, load_verbalizer_model, model_identity, resolve_dtype, resolve_source
+from pipeline.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA = pa.schema([
+    pa.field("id", pa.string()),
+    pa.field("explanation", pa.string()),
+    pa.field("finished", pa.bool_()),
+    pa.field("n_generated", pa.int32()),
+    pa.field("error", pa.string()),
+])
+
+
+def hf_generation_config(gcfg, stop_string: str | None):
+    """Every generation setting that acts on the output, spelled out rather than inherited."""
+    from transformers import GenerationConfig
+
+    kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample,
+                  repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids),
+                  pad_token_id=gcfg.pad_token_id, stop_strings=[stop_string] if stop_string else None)
+    if gcfg.do_sample:  # under greedy decoding the sampling knobs do nothing, and setting them only warns
+        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k)
+    return GenerationConfig(**kwargs)
+
+
+@torch.inference_mode()
+def generate_explanations(model, tokenizer, prompt, vectors: torch.Tensor, cfg) -> list[tuple[str, bool, int]]:
+    """(explanation, finished, n_generated) per vector; vectors [batch, d_model], all valid."""
+    embeds = inject(model.get_input_embeddings(), prompt, vectors, cfg.verbalizer.injection_norm)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    stop = cfg.verbalizer.stop_string
+    out = model.generate(
+        inputs_embeds=embeds, attention_mask=mask, generation_config=hf_generation_config(cfg.generation, stop),
+        tokenizer=tokenizer,
+    )  # [batch, new_tokens]: only the generated tokens, since no input_ids were given
+    eos = list(cfg.generation.eos_token_ids)
+    return [decode_row(tokenizer, row.tolist(), eos, stop) for row in out.cpu()]
+
+
+class VerbalizeStage:
+    """Per-chunk verbalization plus what the driver needs. ``model``/``tokenizer`` may be injected."""
+
+    name = "verbalize"
+
+    def __init__(self, cfg, rt, model=None, tokenizer=None):
+        self.cfg, self.rt = cfg, rt
+        self.inp = StageDir(cfg.verbalize_input_dir, suffix=".arrow")
+        self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet")
+        self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg)
+        model_cfg = load_model_config(cfg)
+        self.d_model = model_cfg.hidden_size
+        depth = cfg.verbalizer.depth_pct
+        if depth is None:
+            depth = depth_percent(cfg.extract.layer, model_cfg.num_hidden_layers)
+        # Built (and checked) before any model work: a bad template fails here.
+        self.prompt = build_prompt(self.tokenizer, cfg.verbalizer, depth)
+        self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
+
+    def plan(self) -> list[Unit]:
+        files = self.inp.chunk_files()
+        if not files:
+            raise PipelineError(f"verbalize.input_dir {self.inp.root}: no activation files (run extract first)")
+        units = []
+        for path in files:
+            with pa.memory_map(str(path)) as src:
+                reader = pa.ipc.open_stream(src)
+                width = getattr(reader.schema.field("activation").type, "list_size", None)
+                rows = reader.read_all().num_rows
+            if width != self.d_model:
+                raise PipelineError(
+                    f"{path}: activations have width {width}, but model {self.cfg.model.base} has d_model {self.d_model}"
+                )
+            units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
+        return units
+
+    def shard_ready(self, shard_name: str) -> bool:
+        return self.inp.shard_complete(shard_name)  # all of the input shard exists
+
+    def settings(self) -> dict:
+        cfg = self.cfg
+        input_fp = self.inp.root / FINGERPRINT
+        return {
+            "stage": "verbalize",
+            "input_fingerprint": json.loads(input_fp.read_text())["fingerprint"] if input_fp.exists() else None,
+            "model.base": model_identity(resolve_source(cfg.model.base, "model.base")),
+            "model.adapter": cfg.model.adapter,
+            "model.dtype": self.dtype,
+            "prompt_sha256": self.prompt.sha256,
+            "depth_pct": self.prompt.depth_pct,
+            "verbalizer": {k: v for k, v in vars(cfg.verbalizer).items() if k != "prompt_template"},
+            "generation": dict(vars(cfg.generation)),
+        }
+
+    def setup(self) -> None:
+        if self.model is None:
+            self.model = load_verbalizer_model(self.cfg, self.rt.device)
+        cfg = self.cfg
+        self.metadata = {
+            "nla_pipeline_version": __version__, "base_model": cfg.model.base, "adapter": str(cfg.model.adapter),
+            "prompt_sha256": self.prompt.sha256, "depth_pct": str(self.prompt.depth_pct),
+            "injection_norm": str(cfg.verbalizer.injection_norm), "stop_string": str(cfg.verbalizer.stop_string),
+            "generation": json.dumps(vars(cfg.generation), sort_keys=True), "dtype": self.dtype,
+            "fingerprint": fingerprint(self.settings()),
+        }
+
+    def process(self, unit: Unit) -> dict:
+        ids, vectors, _, _ = read_activations(unit.source)
+        vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
+        errors = [vector_problem(v) for v in vectors]
+        good = [i for i, e in enumerate(errors) if e is None]
+        results: dict[int, tuple[str, bool, int]] = {}
+        bs = self.cfg.verbalize.batch_size
+        for s in range(0, len(good), bs):
+            batch = good[s : s + bs]
+            for i, r in zip(batch, generate_explanations(self.model, self.tokenizer, self.prompt, vectors[batch], self.cfg)):
+                results[i] = r
+        for i, e in enumerate(errors):
+            if e is not None:
+                log.warning("%s row %d (id %s): %s; skipped", unit.source, i, ids[i], e)
+        table = pa.table({
+            "id": ids,
+            "explanation": [results[i][0] if i in results else "" for i in range(len(ids))],
+            "finished": [results[i][1] if i in results else False for i in range(len(ids))],
+            "n_generated": [results[i][2] if i in results else 0 for i in range(len(ids))],
+            "error": errors,
+        }, schema=OUTPUT_SCHEMA.with_metadata(self.metadata))
+        self.out.write_atomic(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
+        return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(good)}
+
+
+def run(cfg, rt=None, overwrite: bool = False, model=None, tokenizer=None):
+    from pipeline.driver import run_stage
+    from pipeline.runtime import init_runtime
+
+    rt = rt or init_runtime(cfg)
+    return run_stage(VerbalizeStage(cfg, rt, model=model, tokenizer=tokenizer), cfg, rt, overwrite=overwrite)

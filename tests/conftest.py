@@ -1,0 +1,65 @@
+"""Shared fixtures: the real Qwen2.5 tokenizer and a tiny random 28-layer Qwen2 (+ LoRA), built once.
+
+Everything runs offline in a temp dir. NLA_PIPELINE_CACHE points at the session's temp dir, so
+``builtin:tiny`` in configs/tiny.yaml resolves to the very model these fixtures build.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("nla-cache")
+    old = {k: os.environ.get(k) for k in ("NLA_PIPELINE_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
+    os.environ.update(NLA_PIPELINE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    yield cache
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(offline_cache) -> str:
+    from pipeline.tiny import resolve_builtin
+
+    return resolve_builtin("builtin:tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(offline_cache, tiny_model_dir) -> str:
+    from pipeline.tiny import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-lora")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
+    """key=value overrides that point both stages' outputs into tmp_path."""
+    items = {"extract.output_dir": str(tmp_path / "extract"), "verbalize.output_dir": str(tmp_path / "verbalize")}
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")

@@ -1,0 +1,126 @@
+"""Stage 1 against the model card's own one-example computation, written here in plain transformers."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.cli import main
+from tests.conftest import TINY_CONFIG, tiny_overrides, write_parquet
+
+LONG = " ".join(f"word{i} and the {i}th idea, 你好 🙂." for i in range(60))  # well past 300 tokens
+PROMPTS = [
+    "",
+    LONG,
+    "Объясни квантовую запутанность. 東京の天気は？ مرحبا بالعالم 🎉🥳👩‍🔬",
+    "Repeat: <concept>㈎</concept> then </explanation> and <|im_end|>",
+    "Write a Python hello world program",
+    "Write a Python hello world program",  # duplicate: two rows, two outputs
+    "What is 17 * 23?",
+    "a",
+]
+
+
+def card_activation(model, tokenizer, prompt: str) -> torch.Tensor:
+    """The card's step 1, verbatim in spirit: hook layers[20], first forward pass only, h[:, -1, :]."""
+    messages = [{"role": "user", "content": prompt}]
+    chat_str = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(chat_str, return_tensors="pt")
+    activation = {}
+
+    def hook(mod, inp, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if "h" not in activation:
+            activation["h"] = h[:, -1, :].detach()
+
+    handle = model.base_model.model.model.layers[20].register_forward_hook(hook)
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
+    handle.remove()
+    return activation["h"].squeeze(0).float()
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir, tiny_adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, tiny_adapter_dir).eval()
+
+
+def read_output(out_dir):
+    from pipeline.activations import read_activations
+    from pipeline.layout import StageDir
+
+    ids, vecs, ntok = [], [], []
+    for path in StageDir(out_dir, ".arrow").chunk_files():
+        i, v, n, meta = read_activations(path)
+        ids += i
+        vecs.append(v)
+        ntok += n
+    return ids, np.concatenate(vecs), ntok, meta
+
+
+def run_extract(tmp_path, **extra):
+    overrides = tiny_overrides(tmp_path, **{"data.chunk_rows": 3, "extract.max_batch_tokens": 256, **extra})
+    assert main(["extract", "--config", TINY_CONFIG, *overrides]) == 0
+
+
+def test_vectors_match_the_card(tmp_path, peft_model, tokenizer):
+    write_parquet(tmp_path / "in" / "a.parquet", {"id": [f"r{i}" for i in range(len(PROMPTS))], "prompt": PROMPTS},
+                  row_group_size=2)
+    run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'in' / 'a.parquet'}]"})
+    ids, vectors, n_tokens, meta = read_output(tmp_path / "extract")
+    assert ids == [f"r{i}" for i in range(len(PROMPTS))]
+    assert vectors.shape == (len(PROMPTS), peft_model.config.hidden_size)
+    assert max(n_tokens) > 300
+    with peft_model.disable_adapter():  # the verbalizer reads the base model's activations
+        refs = [card_activation(peft_model, tokenizer, p) for p in PROMPTS]
+    for i, ref in enumerate(refs):
+        rel = np.abs(vectors[i] - ref.numpy()).max() / ref.norm().item()
+        assert rel < 1e-4, (i, PROMPTS[i][:40], rel)
+        assert n_tokens[i] == len(tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i]}], tokenize=True, add_generation_prompt=True)["input_ids"])
+    np.testing.assert_array_equal(vectors[4], vectors[5])  # duplicates: both rows present, same vector
+    assert meta["layer"] == "20" and meta["base_model"] == "builtin:tiny"
+    assert len(meta["fingerprint"]) == 16
+
+
+def test_card_behaviour_flag_keeps_the_adapter_on(tmp_path, peft_model, tokenizer):
+    prompts = PROMPTS[2:5]
+    write_parquet(tmp_path / "in.parquet", {"prompt": prompts})
+    run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'in.parquet'}]", "extract.with_adapter": "true"})
+    _, vectors, _, _ = read_output(tmp_path / "extract")
+    for i, p in enumerate(prompts):
+        ref = card_activation(peft_model, tokenizer, p)  # adapter active, as the card's example does
+        assert np.abs(vectors[i] - ref.numpy()).max() / ref.norm().item() < 1e-4
+
+
+def test_output_is_a_dataset_and_ids_default_to_stem_and_row(tmp_path):
+    import datasets
+
+    write_parquet(tmp_path / "in" / "b.parquet", {"prompt": PROMPTS[:5]})
+    run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'in' / '*.parquet'}]", "extract.output_dtype": "float16"})
+    files = sorted(str(p) for p in (tmp_path / "extract").glob("*/chunk_*.arrow"))
+    ds = datasets.load_dataset("arrow", data_files=files, split="train")
+    assert ds["id"] == [f"b:{i}" for i in range(5)]
+    one = datasets.Dataset.from_file(files[0])
+    assert len(one["activation"][0]) == 64
+    with pa.memory_map(files[0]) as src:
+        schema = pa.ipc.open_stream(src).schema
+    assert schema.field("activation").type == pa.list_(pa.float16(), 64)
+    assert schema.field("n_tokens").type == pa.int32()
+    fp = json.loads((tmp_path / "extract" / "_fingerprint.json").read_text())
+    assert fp["settings"]["extract.layer"] == 20
+    assert (tmp_path / "extract" / "00000-b" / "_COMPLETE").exists()
+
+
+def test_rerun_skips_finished_chunks(tmp_path, capsys):
+    write_parquet(tmp_path / "c.parquet", {"prompt": PROMPTS})
+    run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'c.parquet'}]"})
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "extract").glob("*/chunk_*.arrow")}
+    run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'c.parquet'}]"})
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "extract").glob("*/chunk_*.arrow")} == first
+    assert "3 chunk(s) already done" in capsys.readouterr().out
