@@ -113,11 +113,16 @@ def _write_atomically(build, final: Path) -> Path:
 
 
 def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict | None = None,
-                     tokenizer_from: str | os.PathLike | None = None, eos_scale: float = 2.25) -> Path:
+                     tokenizer_from: str | os.PathLike | None = None, eos_scale: float = 2.2,
+                     residual_scale: float = 4.0) -> Path:
     """A random Qwen2 with 28 layers, the real vocab size and Qwen2.5-Instruct's generation config.
 
-    ``eos_scale`` stretches the LM-head row of <|im_end|>: random weights almost never emit EOS, and
-    scaled by ~2 it wins after a varied number of steps (a few to past 120), as real explanations end.
+    Two knobs make the random model behave like the real one where the protocol cares:
+    ``residual_scale`` widens the attention/MLP output projections so layer-20 activations have norms
+    of about 100-170, as Qwen2.5-7B's do at the last chat token (so "normalize to 150" and "multiply
+    by 150" really differ); ``eos_scale`` stretches the LM-head row of <|im_end|>, since random weights
+    almost never emit EOS, and stretched by ~2 it wins after a varied number of steps, as real
+    explanations end at varied lengths.
     """
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -135,9 +140,11 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict |
         model = Qwen2ForCausalLM(config)
         # Random init at std 0.02 gives near-uniform logits; a wider init makes tokens depend on the input.
         with torch.no_grad():
-            for p in model.parameters():
+            for name, p in model.named_parameters():
                 if p.dim() == 2:
                     p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+                    if name.endswith(("o_proj.weight", "down_proj.weight")):
+                        p.mul_(residual_scale)
             model.lm_head.weight[QWEN2_GENERATION_CONFIG["eos_token_id"][0]] *= eos_scale
         model.generation_config = GenerationConfig(**QWEN2_GENERATION_CONFIG)
         model.save_pretrained(tmp)

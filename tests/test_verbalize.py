@@ -1,0 +1,207 @@
+"""Stage 2 against the model card's one-example protocol (bug 1 fixed), written here with peft."""
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.cli import main
+from tests.conftest import TINY_CONFIG, tiny_overrides
+
+INJECTION_CHAR = "㈎"
+N_VECTORS = 40
+
+
+def card_prompt() -> str:
+    """The card's av_prompt, copied from its example."""
+    LAYER = 20
+    depth_pct = round(100 * (LAYER + 0.5) / 28)
+    return (
+        "You are a meticulous AI researcher conducting an important investigation "
+        "into activation vectors from a language model. Your overall task is to "
+        "describe the semantic content of that activation vector.\n\n"
+        "We will pass the vector enclosed in <concept> tags into your context, "
+        "along with the network depth where it was extracted. "
+        "You must then produce an explanation for the vector, enclosed within "
+        "<explanation> tags. The explanation consists of 2-3 text snippets "
+        "describing that vector.\n\n"
+        f"Here is the vector from depth {depth_pct}% of the network:\n\n"
+        f"<concept>{INJECTION_CHAR}</concept>\n\n"
+        "Please provide an explanation.\n\n"
+        "<explanation>"
+    )
+
+
+def card_generate(model, tokenizer, act: torch.Tensor, scale: str = "normalize") -> list[int]:
+    """The card's steps 2-4 for one vector; returns every token generate gives back."""
+    def normalize_activation(v, target_norm):
+        norm = v.float().norm().clamp_min(1e-12)
+        return v * (target_norm / norm)
+
+    injection_token_id = tokenizer.encode(INJECTION_CHAR, add_special_tokens=False)[0]
+    tokens = tokenizer.encode(card_prompt(), add_special_tokens=True)
+    inject_pos = next(i for i, t in enumerate(tokens) if t == injection_token_id)
+    input_ids = torch.tensor([tokens])
+    embeddings = model.get_input_embeddings()(input_ids).clone()
+    injected = normalize_activation(act.to(embeddings.dtype), 150.0) if scale == "normalize" else act * 150.0
+    embeddings[0, inject_pos, :] = injected
+    with torch.no_grad():
+        output = model.generate(inputs_embeds=embeddings, max_new_tokens=120, do_sample=False,
+                                pad_token_id=tokenizer.eos_token_id)
+    return output[0].tolist()
+
+
+def card_text(tokenizer, generated: list[int], stop: str = "</explanation>") -> str:
+    text = tokenizer.decode(generated, skip_special_tokens=True)  # all of it: generate returned only new tokens
+    if stop in text:
+        text = text.split(stop)[0]
+    return text.strip()
+
+
+def varied_vectors(d_model: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234)
+    v = torch.randn(N_VECTORS, d_model, generator=g)
+    norms = torch.logspace(-2, 4, N_VECTORS)[torch.randperm(N_VECTORS, generator=g)]
+    v = v / v.norm(dim=-1, keepdim=True) * norms[:, None]
+    v[0] = 0.0
+    v[0, 3] = 7.0                      # one-hot
+    v[1] = v[2] * 1000.0               # same direction, different norm: must verbalize identically
+    v[5] = v[4] + 0.5 * v[4].norm() * torch.randn(d_model, generator=g) / math.sqrt(d_model)
+    return v
+
+
+def write_activation_dir(root, vectors: np.ndarray, ids=None, chunk_rows: int = 17):
+    """An extract-style directory written with plain pyarrow: shard dir, chunk files, marker."""
+    shard = root / "00000-test"
+    shard.mkdir(parents=True)
+    ids = ids or [f"v{i}" for i in range(len(vectors))]
+    d = vectors.shape[1]
+    for j, start in enumerate(range(0, len(vectors), chunk_rows)):
+        part = np.ascontiguousarray(vectors[start:start + chunk_rows], dtype=np.float32)
+        table = pa.table({"id": ids[start:start + chunk_rows],
+                          "activation": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), d)})
+        with pa.OSFile(str(shard / f"chunk_{j:05d}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+    (shard / "_COMPLETE").write_text("{}")
+    return root
+
+
+def read_explanations(out_dir):
+    files = sorted(out_dir.glob("*/chunk_*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist(), files
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir, tiny_adapter_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, tiny_adapter_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def vectors(peft_model):
+    return varied_vectors(peft_model.config.hidden_size)
+
+
+@pytest.fixture(scope="module")
+def reference(peft_model, tokenizer, vectors):
+    return [card_generate(peft_model, tokenizer, v) for v in vectors]
+
+
+@pytest.fixture(scope="module")
+def activation_dir(tmp_path_factory, vectors):
+    return write_activation_dir(tmp_path_factory.mktemp("acts") / "extract", vectors.numpy())
+
+
+def run_verbalize(tmp_path, input_dir, *extra):
+    overrides = tiny_overrides(tmp_path, **{"verbalize.input_dir": str(input_dir), "verbalize.batch_size": 16})
+    return main(["verbalize", "--config", TINY_CONFIG, *overrides, *extra])
+
+
+@pytest.mark.parametrize("merge", ["true", "false"])
+def test_explanations_match_the_card(tmp_path, activation_dir, reference, tokenizer, merge):
+    assert run_verbalize(tmp_path, activation_dir, f"verbalize.merge_lora={merge}") == 0
+    rows, files = read_explanations(tmp_path / "verbalize")
+    assert [r["id"] for r in rows] == [f"v{i}" for i in range(N_VECTORS)]
+    for i, (row, generated) in enumerate(zip(rows, reference)):
+        assert row["explanation"] == card_text(tokenizer, generated), i
+        assert row["error"] is None
+        ended = generated[-1] in (151645, 151643)
+        if ended:
+            assert row["finished"] and row["n_generated"] == len(generated), i
+        elif "</explanation>" not in tokenizer.decode(generated):
+            assert not row["finished"] and row["n_generated"] == 120, i
+    assert rows[1]["explanation"] == rows[2]["explanation"]  # normalized to, not multiplied by
+    finished = [r["finished"] for r in rows]
+    assert any(finished) and not all(finished), "the fixture should have rows that stop and rows that run on"
+    meta = pq.read_schema(files[0]).metadata
+    assert meta[b"depth_pct"] == b"73" and meta[b"injection_norm"] == b"150.0"
+    assert json.loads(meta[b"generation"])["repetition_penalty"] == 1.05
+    assert (tmp_path / "verbalize" / "00000-test" / "_COMPLETE").exists()
+
+
+def test_multiplying_gives_different_text(peft_model, tokenizer, vectors, reference):
+    differs = 0
+    far_from_one = [i for i in range(N_VECTORS) if not 0.5 < vectors[i].norm() < 2][:4]
+    for i in far_from_one:
+        multiplied = card_generate(peft_model, tokenizer, vectors[i], scale="multiply")
+        differs += card_text(tokenizer, multiplied) != card_text(tokenizer, reference[i])
+    assert differs >= 3
+
+
+def _first_stop(tokenizer, generated, stop):
+    for k in range(1, len(generated) + 1):
+        if stop in tokenizer.decode(generated[:k], skip_special_tokens=True):
+            return k
+    return None
+
+
+def test_stop_string_split_across_tokens(tmp_path, activation_dir, reference, tokenizer):
+    # Pick a stop string that the model really produces, spanning the boundary of two tokens.
+    row = max(range(N_VECTORS), key=lambda i: len(reference[i]))
+    gen = reference[row]
+    k = 10
+    stop = tokenizer.decode(gen[k - 1:k], skip_special_tokens=True)[-2:] + tokenizer.decode(gen[k:k + 1])[:2]
+    assert len(stop) >= 3 and stop not in tokenizer.decode(gen[k - 1:k]) and stop not in tokenizer.decode(gen[k:k + 1])
+    assert run_verbalize(tmp_path, activation_dir, f"verbalizer.stop_string={json.dumps(stop)}") == 0
+    rows, _ = read_explanations(tmp_path / "verbalize")
+    for i, generated in enumerate(reference):
+        hit = _first_stop(tokenizer, generated, stop)
+        assert rows[i]["explanation"] == card_text(tokenizer, generated, stop), i
+        if hit is not None:
+            assert rows[i]["finished"] and rows[i]["n_generated"] == hit, i
+    assert rows[row]["n_generated"] <= k + 1 and rows[row]["finished"]
+
+
+def test_eos_ids_come_from_config(tmp_path, activation_dir, reference, tokenizer):
+    # Make a token the model really emits early count as EOS: rows end there, marked finished.
+    row = max(range(N_VECTORS), key=lambda i: len(reference[i]))
+    eos = reference[row][4]
+    assert run_verbalize(tmp_path, activation_dir, f"generation.eos_token_ids=[{eos}, 151645, 151643]") == 0
+    rows, _ = read_explanations(tmp_path / "verbalize")
+    n = reference[row].index(eos) + 1
+    assert rows[row]["finished"] and rows[row]["n_generated"] == n
+    assert rows[row]["explanation"] == card_text(tokenizer, reference[row][:n])
+
+
+def test_bad_vectors_are_reported_and_skipped(tmp_path, vectors, reference, tokenizer, capsys):
+    bad = vectors[:6].clone().numpy()
+    bad[1, 0] = np.nan
+    bad[3, 5] = np.inf
+    bad[4] = 0.0
+    write_activation_dir(tmp_path / "acts", bad)
+    assert run_verbalize(tmp_path, tmp_path / "acts") == 0
+    rows, _ = read_explanations(tmp_path / "verbalize")
+    assert [r["id"] for r in rows] == [f"v{i}" for i in range(6)]
+    for i in (1, 3, 4):
+        assert rows[i]["explanation"] == "" and not rows[i]["finished"] and rows[i]["n_generated"] == 0
+        assert rows[i]["error"]
+    assert "non-finite" in rows[1]["error"] and "zero norm" in rows[4]["error"]
+    for i in (0, 2, 5):
+        assert rows[i]["error"] is None and rows[i]["explanation"] == card_text(tokenizer, reference[i])
+    assert "3 bad vector(s)" in capsys.readouterr().out
