@@ -60,7 +60,9 @@ def _load_errors(what: str, key: str, source: str):
         raise
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = "" if os.path.isdir(source) else " (no network? set HF_HUB_OFFLINE=1 and use a local path or a cached model)"
+        hint = "" if os.path.isdir(source) else (
+            " (not in the local Hugging Face cache and the Hub is unreachable or HF_HUB_OFFLINE is set:"
+            " use a local directory, or download it first where there is network)")
         raise PipelineError(f"{key}: cannot load {what} from {source!r}: {first}{hint}") from e
     finally:
         transformers.logging.set_verbosity(previous)
