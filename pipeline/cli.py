@@ -53,16 +53,17 @@ def _dispatch(args) -> int:
         return 0
     from pipeline.runtime import init_runtime
 
+    from pipeline.driver import run_pipeline, run_stage
+    from pipeline.extract import ExtractStage
+    from pipeline.verbalize import VerbalizeStage
+
     rt = init_runtime(cfg)
-    results = []
-    if args.command in ("extract", "run"):
-        from pipeline import extract
-
-        results.append(extract.run(cfg, rt, overwrite=args.overwrite))
-    if args.command in ("verbalize", "run"):
-        from pipeline import verbalize
-
-        results.append(verbalize.run(cfg, rt, overwrite=args.overwrite))
+    if args.command == "extract":
+        results = [run_stage(ExtractStage(cfg, rt), cfg, rt, overwrite=args.overwrite)]
+    elif args.command == "verbalize":
+        results = [run_stage(VerbalizeStage(cfg, rt), cfg, rt, overwrite=args.overwrite)]
+    else:
+        results = run_pipeline(ExtractStage(cfg, rt), VerbalizeStage(cfg, rt), cfg, rt, overwrite=args.overwrite)
     if rt.is_main:
         from pipeline.summary import print_summary
 

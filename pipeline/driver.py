@@ -61,34 +61,31 @@ def _mark_complete_shards(stage, units: list[Unit], shards: set[str] | None = No
 
 
 def prepare_output(stage, cfg, rt, overwrite: bool) -> None:
-    """Rank 0 wipes (on --overwrite), checks the fingerprint and writes it; then everyone syncs."""
+    """Rank 0 wipes (on --overwrite), checks the fingerprint and writes it. Callers then barrier."""
+    if not rt.is_main:
+        return
     settings = stage.settings()
     fp = fingerprint(settings)
-    if rt.is_main:
-        if overwrite:
-            stage.out.wipe()
-        stage.out.check_fingerprint(fp, settings)
-        stage.out.write_fingerprint(fp, settings, cfg.to_dict())
-        removed = stage.out.clean_stale_tmp()
-        if removed:
-            log.info("%s: removed %d temporary file(s) left by an interrupted run", stage.name, removed)
-    rt.barrier()
+    if overwrite:
+        stage.out.wipe()
+    stage.out.check_fingerprint(fp, settings)
+    stage.out.write_fingerprint(fp, settings, cfg.to_dict())
+    removed = stage.out.clean_stale_tmp()
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run", stage.name, removed)
 
 
-def run_stage(stage, cfg, rt, overwrite: bool = False) -> StageResult:
-    units = stage.plan()
+def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: list[Unit]) -> StageResult:
+    """Process this rank's units, marking shards complete as they fill up. No collective at the end."""
     rt.setup_logging(cfg.log_level, stage.out.log_path(rt.rank))
-    prepare_output(stage, cfg, rt, overwrite)
-    pending = [u for u in units if not stage.out.chunk_done(u.shard, u.index)]
-    mine = pending[rt.rank :: rt.world_size]
     result = StageResult(stage.name, str(stage.out.root), skipped_chunks=len(units) - len(pending))
-    log.info("%s: %d chunk(s) in all, %d already done, %d pending; this rank (%d of %d) takes %d",
+    log.info("%s: %d chunk(s) in all, %d already done, %d pending; rank %d of %d takes %d",
              stage.name, len(units), result.skipped_chunks, len(pending), rt.rank, rt.world_size, len(mine))
     if mine:
         stage.setup()
     start = time.perf_counter()
-    total_rows = sum(u.num_rows for u in pending)
-    bar = tqdm(total=total_rows, desc=stage.name, unit="row", dynamic_ncols=True, disable=not rt.is_main)
+    bar = tqdm(total=sum(u.num_rows for u in pending), desc=stage.name, unit="row", dynamic_ncols=True,
+               disable=not rt.is_main)
     with bar:
         for unit in mine:
             stats = stage.process(unit)
@@ -110,3 +107,36 @@ def run_stage(stage, cfg, rt, overwrite: bool = False) -> StageResult:
         log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
                  result.rows, result.chunks, result.seconds, result.rows_per_s)
     return result
+
+
+def _pending(stage, units: list[Unit]) -> list[Unit]:
+    return [u for u in units if not stage.out.chunk_done(u.shard, u.index)]
+
+
+def run_stage(stage, cfg, rt, overwrite: bool = False) -> StageResult:
+    """One stage on its own: every rank takes ``pending[rank::world_size]``."""
+    units = stage.plan()
+    rt.setup_logging(cfg.log_level, stage.out.log_path(rt.rank))
+    prepare_output(stage, cfg, rt, overwrite)
+    rt.barrier()  # the only collective: rank 0's wipe/fingerprint happen before anyone lists work
+    pending = _pending(stage, units)
+    return process_units(stage, cfg, rt, units, pending, pending[rt.rank :: rt.world_size])
+
+
+def run_pipeline(extract_stage, verbalize_stage, cfg, rt, overwrite: bool = False) -> list[StageResult]:
+    """Both stages with one split of the work: a rank verbalizes exactly the chunks it extracts
+    (or finds extracted), so no rank ever waits for another between the stages."""
+    units = extract_stage.plan()
+    rt.setup_logging(cfg.log_level, extract_stage.out.log_path(rt.rank))
+    prepare_output(extract_stage, cfg, rt, overwrite)
+    prepare_output(verbalize_stage, cfg, rt, overwrite)  # after extract's: it records extract's fingerprint
+    rt.barrier()
+    v_units = [verbalize_stage.unit_from_extract(u, extract_stage.out) for u in units]
+    v_pending = _pending(verbalize_stage, v_units)
+    v_mine = v_pending[rt.rank :: rt.world_size]
+    todo = {(u.shard, u.index) for u in v_mine}
+    e_pending = _pending(extract_stage, units)
+    e_mine = [u for u in e_pending if (u.shard, u.index) in todo]
+    first = process_units(extract_stage, cfg, rt, units, e_pending, e_mine)
+    second = process_units(verbalize_stage, cfg, rt, v_units, v_pending, v_mine)
+    return [first, second]

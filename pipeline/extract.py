@@ -135,10 +135,3 @@ class ExtractStage:
             tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype))
         return {"tokens": stats["tokens"], "computed_tokens": stats["computed_tokens"]}
 
-
-def run(cfg, rt=None, overwrite: bool = False, trunk=None, tokenizer=None):
-    from pipeline.driver import run_stage
-    from pipeline.runtime import init_runtime
-
-    rt = rt or init_runtime(cfg)
-    return run_stage(ExtractStage(cfg, rt, trunk=trunk, tokenizer=tokenizer), cfg, rt, overwrite=overwrite)

@@ -86,6 +86,7 @@ class VerbalizeStage:
         self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
 
     def plan(self) -> list[Unit]:
+        """Every activation file under the input directory (checked before any model work)."""
         files = self.inp.chunk_files()
         if not files:
             raise PipelineError(f"verbalize.input_dir {self.inp.root}: no activation files (run extract first)")
@@ -93,14 +94,25 @@ class VerbalizeStage:
         for path in files:
             with pa.memory_map(str(path)) as src:
                 reader = pa.ipc.open_stream(src)
-                width = getattr(reader.schema.field("activation").type, "list_size", None)
+                act = reader.schema.field("activation").type if "activation" in reader.schema.names else None
+                self._check_width(path, getattr(act, "list_size", None))
                 rows = reader.read_all().num_rows
-            if width != self.d_model:
-                raise PipelineError(
-                    f"{path}: activations have width {width}, but model {self.cfg.model.base} has d_model {self.d_model}"
-                )
             units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
+        incomplete = sorted({u.shard for u in units if not self.inp.shard_complete(u.shard)})
+        if incomplete:
+            log.warning("verbalize: extract has not finished shard(s) %s; verbalizing the chunks that exist",
+                        ", ".join(incomplete))
         return units
+
+    def unit_from_extract(self, unit: Unit, extract_out: StageDir) -> Unit:
+        """The verbalize unit that reads an extract unit's output (used by ``run``)."""
+        return Unit(unit.shard, unit.index, unit.num_rows, extract_out.chunk_path(unit.shard, unit.index))
+
+    def _check_width(self, path, width: int | None) -> None:
+        if width != self.d_model:
+            raise PipelineError(
+                f"{path}: activations have width {width}, but model {self.cfg.model.base} has d_model {self.d_model}"
+            )
 
     def shard_ready(self, shard_name: str) -> bool:
         return self.inp.shard_complete(shard_name)  # all of the input shard exists
@@ -134,6 +146,7 @@ class VerbalizeStage:
 
     def process(self, unit: Unit) -> dict:
         ids, vectors, _, _ = read_activations(unit.source)
+        self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
         errors = [vector_problem(v) for v in vectors]
         good = [i for i, e in enumerate(errors) if e is None]
@@ -156,10 +169,3 @@ class VerbalizeStage:
         self.out.write_atomic(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
         return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(good)}
 
-
-def run(cfg, rt=None, overwrite: bool = False, model=None, tokenizer=None):
-    from pipeline.driver import run_stage
-    from pipeline.runtime import init_runtime
-
-    rt = rt or init_runtime(cfg)
-    return run_stage(VerbalizeStage(cfg, rt, model=model, tokenizer=tokenizer), cfg, rt, overwrite=overwrite)
