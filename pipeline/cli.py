@@ -55,9 +55,14 @@ def _dispatch(args) -> int:
 
     from pipeline.driver import run_pipeline, run_stage
     from pipeline.extract import ExtractStage
+    from pipeline.modeling import resolve_source
     from pipeline.verbalize import VerbalizeStage
 
     rt = init_runtime(cfg)
+    with rt.main_process_first():  # one process builds/downloads, the rest then find it in place
+        resolve_source(cfg.model.base, "model.base")
+        if cfg.model.adapter and args.command != "extract":
+            resolve_source(cfg.model.adapter, "model.adapter")
     if args.command == "extract":
         results = [run_stage(ExtractStage(cfg, rt), cfg, rt, overwrite=args.overwrite)]
     elif args.command == "verbalize":
@@ -67,7 +72,7 @@ def _dispatch(args) -> int:
     if rt.is_main:
         from pipeline.summary import print_summary
 
-        print_summary(results)
+        print_summary(results, rt.world_size)
     return 0
 
 

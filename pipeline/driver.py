@@ -42,6 +42,8 @@ class StageResult:
     chunks: int = 0
     seconds: float = 0.0
     skipped_chunks: int = 0
+    rows_in_output: int = 0  # finished rows on disk when this rank ended (all ranks' work)
+    rows_planned: int = 0
     stats: dict = field(default_factory=dict)
 
     @property
@@ -103,6 +105,8 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
                 bar.set_postfix(tok_s=f"{result.stats['tokens'] / elapsed:,.0f}", refresh=False)
     result.seconds = time.perf_counter() - start
     _mark_complete_shards(stage, units)
+    result.rows_planned = sum(u.num_rows for u in units)
+    result.rows_in_output = sum(u.num_rows for u in units if stage.out.chunk_done(u.shard, u.index))
     if mine:
         log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
                  result.rows, result.chunks, result.seconds, result.rows_per_s)

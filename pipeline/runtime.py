@@ -32,6 +32,12 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def main_process_first(self):
+        """Rank 0 runs the block first (e.g. building a built-in model), then the others."""
+        import contextlib
+
+        return self._state.main_process_first() if self.world_size > 1 else contextlib.nullcontext()
+
     def barrier(self) -> None:
         if self.world_size > 1:
             self._state.wait_for_everyone()

@@ -26,17 +26,19 @@ def _samples(out_dir: str, n: int = 3) -> list[tuple[str, str]]:
     return picked
 
 
-def print_summary(results) -> None:
+def print_summary(results, world_size: int = 1) -> None:
     lines = []
     for r in results:
         line = f"{r.stage}: {r.rows} row(s) in {r.chunks} chunk(s), {r.seconds:.1f}s, {r.rows_per_s:.1f} rows/s"
+        if world_size > 1:
+            line = line.replace(":", " (rank 0):", 1)
         if r.skipped_chunks:
             line += f" ({r.skipped_chunks} chunk(s) already done)"
         if r.stats.get("computed_tokens"):
             line += f", padding {100 * (1 - r.stats['tokens'] / r.stats['computed_tokens']):.1f}%"
         if r.stats.get("bad_rows"):
             line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
-        lines.append(line + f"\n  output: {r.out_dir}")
+        lines.append(line + f"\n  output: {r.out_dir} ({r.rows_in_output}/{r.rows_planned} rows finished)")
         if r.stage == "verbalize":
             for row_id, text in _samples(r.out_dir):
                 lines.append(f"  [{row_id}] {text[:160]!r}")

@@ -98,6 +98,8 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike):
 def _write_atomically(build, final: Path) -> Path:
     """Run ``build(tmp_dir)`` and rename the directory into place, so a killed build leaves no half model."""
     if final.exists():
+        if not (final / "config.json").exists() and not (final / "adapter_config.json").exists():
+            raise PipelineError(f"{final} is incomplete (an interrupted build?): delete it and run again")
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

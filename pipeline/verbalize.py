@@ -47,8 +47,10 @@ def hf_generation_config(gcfg, stop_string: str | None):
     kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample,
                   repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids),
                   pad_token_id=gcfg.pad_token_id, stop_strings=[stop_string] if stop_string else None)
-    if gcfg.do_sample:  # under greedy decoding the sampling knobs do nothing, and setting them only warns
+    if gcfg.do_sample:
         kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k)
+    else:  # greedy ignores these; pin them to the library's neutral values so none is inherited
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
     return GenerationConfig(**kwargs)
 
 
@@ -128,8 +130,8 @@ class VerbalizeStage:
             "model.dtype": self.dtype,
             "prompt_sha256": self.prompt.sha256,
             "depth_pct": self.prompt.depth_pct,
-            "verbalizer": {k: v for k, v in vars(cfg.verbalizer).items() if k != "prompt_template"},
-            "generation": dict(vars(cfg.generation)),
+            **{f"verbalizer.{k}": v for k, v in vars(cfg.verbalizer).items() if k != "prompt_template"},
+            **{f"generation.{k}": v for k, v in vars(cfg.generation).items()},
         }
 
     def setup(self) -> None:

@@ -1,0 +1,163 @@
+"""Crash safety and scale-out: SIGKILL mid-shard and resume; two CPU processes; fingerprints; stray temps.
+
+Every run here is a real CLI subprocess with OMP_NUM_THREADS=1, so all runs compute bit-identical
+numbers and can be compared exactly with one uninterrupted single-process run.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO, TINY_CONFIG, write_parquet
+
+N_ROWS = 40
+SETTINGS = ["data.chunk_rows=2", "generation.max_new_tokens=12", "verbalize.batch_size=2"]
+
+
+def _env(cache):
+    return {**os.environ, "NLA_PIPELINE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _argv(command, inputs, out, *extra, procs=1):
+    launcher = [sys.executable, "-m", "pipeline"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "pipeline"]
+    return [*launcher, command, "--config", TINY_CONFIG, f"data.paths=[{inputs}/*.parquet]",
+            f"extract.output_dir={out}/extract", f"verbalize.output_dir={out}/verbalize", *SETTINGS, *extra]
+
+
+def cli(cache, command, inputs, out, *extra, procs=1, ok=True):
+    proc = subprocess.run(_argv(command, inputs, out, *extra, procs=procs), cwd=REPO, env=_env(cache),
+                          capture_output=True, text=True, timeout=600)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def kill_when(cache, command, inputs, out, pattern, count, *extra, procs=1):
+    """Start a run and SIGKILL it (its whole process group) once `count` files match `pattern`."""
+    proc = subprocess.Popen(_argv(command, inputs, out, *extra, procs=procs), cwd=REPO, env=_env(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list(out.glob(pattern))) < count:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def read_stage(out):
+    vecs = {}
+    for f in sorted((out / "extract").glob("*/chunk_*.arrow")):
+        with pa.memory_map(str(f)) as src:
+            t = pa.ipc.open_stream(src).read_all()
+        for i, v in zip(t.column("id").to_pylist(), t.column("activation").to_pylist()):
+            assert i not in vecs, f"duplicate id {i}"
+            vecs[i] = np.asarray(v)
+    files = sorted((out / "verbalize").glob("*/chunk_*.parquet"))
+    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+    return vecs, rows
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("inputs")
+    words = ["alpha", "国", "🙂", "loop", "数据", "zeta", "ok"]
+    prompts = [" ".join(words[(i * j) % len(words)] for j in range(i % 9 + 1)) for i in range(N_ROWS)]
+    write_parquet(d / "a.parquet", {"id": [f"a{i}" for i in range(N_ROWS // 2)], "prompt": prompts[: N_ROWS // 2]})
+    write_parquet(d / "b.parquet", {"id": [f"b{i}" for i in range(N_ROWS // 2)], "prompt": prompts[N_ROWS // 2:]})
+    return d
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, inputs, offline_cache, tiny_adapter_dir):
+    out = tmp_path_factory.mktemp("baseline")
+    cli(offline_cache, "run", inputs, out)
+    return read_stage(out)
+
+
+def assert_same(out, baseline):
+    vecs, rows = read_stage(out)
+    base_vecs, base_rows = baseline
+    assert list(vecs) == list(base_vecs)  # every id exactly once, in input order
+    for k in base_vecs:
+        np.testing.assert_array_equal(vecs[k], base_vecs[k])
+    assert rows == base_rows
+    assert len(rows) == N_ROWS
+    assert not list(out.rglob(".*.tmp-*"))
+    for stage in ("extract", "verbalize"):
+        assert len(list((out / stage).glob("*/_COMPLETE"))) == 2
+
+
+def test_sigkill_extract_then_verbalize_and_resume(tmp_path, inputs, baseline, offline_cache):
+    kill_when(offline_cache, "extract", inputs, tmp_path, "extract/*/chunk_*.arrow", 3)
+    done = len(list(tmp_path.glob("extract/*/chunk_*.arrow")))
+    assert 3 <= done < N_ROWS // 2
+    cli(offline_cache, "extract", inputs, tmp_path)
+    kill_when(offline_cache, "verbalize", inputs, tmp_path, "verbalize/*/chunk_*.parquet", 2)
+    status = cli(offline_cache, "status", inputs, tmp_path).stdout
+    assert "extract" in status and "20/20 chunks done" in status and "pending" in status
+    cli(offline_cache, "verbalize", inputs, tmp_path)
+    assert_same(tmp_path, baseline)
+
+
+def test_two_processes_match_one(tmp_path, inputs, baseline, offline_cache):
+    cli(offline_cache, "run", inputs, tmp_path, procs=2)
+    assert_same(tmp_path, baseline)
+    for stage in ("extract", "verbalize"):
+        logs = sorted(p.name for p in (tmp_path / stage / "logs").iterdir())
+        assert logs == ["rank00000.log", "rank00001.log"]
+        assert "rank 1 of 2" in (tmp_path / stage / "logs" / "rank00001.log").read_text()
+
+
+def test_interrupted_two_process_run_resumes_with_one(tmp_path, inputs, baseline, offline_cache):
+    kill_when(offline_cache, "run", inputs, tmp_path, "verbalize/*/chunk_*.parquet", 3, procs=2)
+    cli(offline_cache, "run", inputs, tmp_path)
+    assert_same(tmp_path, baseline)
+
+
+def test_fingerprint_mismatch_is_refused(tmp_path, inputs, baseline, offline_cache):
+    cli(offline_cache, "extract", inputs, tmp_path)
+    proc = cli(offline_cache, "extract", inputs, tmp_path, "extract.layer=19", ok=False)
+    assert proc.returncode == 1
+    assert "extract.layer: 20 -> 19" in proc.stderr and "--overwrite" in proc.stderr
+    cli(offline_cache, "run", inputs, tmp_path)  # the refusal changed nothing: same settings resume
+    proc = cli(offline_cache, "verbalize", inputs, tmp_path, "generation.repetition_penalty=1.2", ok=False)
+    assert proc.returncode == 1 and "generation.repetition_penalty: 1.05 -> 1.2" in proc.stderr
+    cli(offline_cache, "verbalize", inputs, tmp_path, "generation.repetition_penalty=1.2", "--overwrite")
+    _, rows = read_stage(tmp_path)
+    assert len(rows) == N_ROWS
+
+
+def test_stray_temporary_files_are_ignored_and_removed(tmp_path, inputs, baseline, offline_cache):
+    cli(offline_cache, "extract", inputs, tmp_path)
+    shard = tmp_path / "extract" / "00000-a"
+    victim = shard / "chunk_00001.arrow"
+    stray = shard / f".{victim.name}.tmp-4242"
+    victim.rename(stray)  # a complete-looking file that never got its final name
+    (shard / "_COMPLETE").unlink()
+    half = tmp_path / "verbalize" / "00001-b" / ".chunk_00000.parquet.tmp-4243"
+    half.parent.mkdir(parents=True)
+    half.write_bytes(b"PAR1 half a file")
+    for f in (stray, half):
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    assert "temporary file" in cli(offline_cache, "status", inputs, tmp_path).stdout
+    cli(offline_cache, "run", inputs, tmp_path)
+    assert_same(tmp_path, baseline)
+
+
+def test_one_call_reads_a_whole_stage_in_input_order(tmp_path, baseline, inputs, offline_cache):
+    import datasets
+
+    cli(offline_cache, "run", inputs, tmp_path)
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "verbalize" / "*" / "chunk_*.parquet"), split="train")
+    assert ds["id"] == [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)]
+    acts = datasets.load_dataset("arrow", data_files=str(tmp_path / "extract" / "*" / "chunk_*.arrow"), split="train")
+    assert acts["id"] == ds["id"]
