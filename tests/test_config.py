@@ -67,3 +67,10 @@ def test_every_key_is_documented():
 def test_fingerprint_changes_with_settings():
     assert fingerprint({"a": 1}) == fingerprint({"a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_readme_documents_every_key():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for line in describe_keys().splitlines():
+        key = line.split()[0]
+        assert f"| `{key}` |" in readme, f"{key} is missing from the README's key table"
