@@ -83,7 +83,8 @@ class GenerationConfig:
 class VerbalizeConfig:
     input_dir: str | None = _f(None, "activation files to read; null means extract.output_dir")
     output_dir: str = _f("outputs/verbalize", "where explanation Parquet files are written")
-    batch_size: int = _f(64, "vectors per generate call")
+    batch_size: int = _f(64, "most rows decoded at once (continuous batching refills freed slots)")
+    engine: str = _f("continuous", "continuous (shared prefix, eviction/refill) | generate (plain HF generate per batch)")
     merge_lora: bool = _f(True, "merge the LoRA into the weights for inference (peft merge_and_unload)")
 
 
@@ -190,6 +191,7 @@ def _validate(cfg: Config) -> None:
         "model.dtype": (cfg.model.dtype, ("auto", "bfloat16", "float16", "float32")),
         "model.device": (cfg.model.device, ("auto", "cpu", "cuda")),
         "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
+        "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -41,25 +41,45 @@ def render_and_tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"]
 
 
+def _forward_last(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+    """One right-padded batch -> each row's vector at its last real token, float32 [rows, d_model] on CPU."""
+    device = next(trunk.parameters()).device
+    lengths = [len(t) for t in token_ids]
+    width = max(lengths)
+    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
+    for row, t in enumerate(token_ids):  # right padding: real tokens keep positions 0..len-1
+        ids[row, : len(t)] = torch.tensor(t)
+        mask[row, : len(t)] = 1
+    hidden = trunk(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
+                   use_cache=False).last_hidden_state  # [rows, width, d_model]
+    last = torch.tensor(lengths, device=device) - 1
+    return hidden[torch.arange(len(token_ids), device=device), last].float().cpu()
+
+
+def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Like _forward_last, but a batch that runs out of memory is split in two and retried."""
+    try:
+        return _forward_last(trunk, token_ids, pad_id)
+    except torch.OutOfMemoryError:
+        if len(token_ids) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(token_ids) // 2
+        log.warning("out of memory on a batch of %d rows; splitting it in two", len(token_ids))
+        return torch.cat([_forward_halving(trunk, token_ids[:half], pad_id),
+                          _forward_halving(trunk, token_ids[half:], pad_id)])
+
+
 @torch.inference_mode()
 def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int):
     """Layer output at each row's last real token: float32 [rows, d_model] in input order, plus stats."""
-    device = next(trunk.parameters()).device
     lengths = [len(t) for t in token_ids]
     batches = token_budget_batches(lengths, max_batch_tokens)
-    d_model = trunk.config.hidden_size
-    out = torch.empty(len(token_ids), d_model, dtype=torch.float32)
+    out = torch.empty(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
     for batch in batches:
-        width = max(lengths[i] for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # right padding: real tokens keep positions 0..len-1
-            ids[row, : lengths[i]] = torch.tensor(token_ids[i])
-            mask[row, : lengths[i]] = 1
-        hidden = trunk(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        last = torch.tensor([lengths[i] - 1 for i in batch], device=device)
-        picked = hidden[torch.arange(len(batch), device=device), last]  # [batch, d_model]
-        out[torch.tensor(batch)] = picked.float().cpu()
+        out[torch.tensor(batch)] = _forward_halving(trunk, [token_ids[i] for i in batch], pad_id)
     stats = {"tokens": sum(lengths), "computed_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches),
              "batches": len(batches)}
     return out, stats

@@ -23,6 +23,7 @@ import torch
 from pipeline import __version__
 from pipeline.activations import read_activations
 from pipeline.config import fingerprint
+from pipeline.decoding import Decoder
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
 from pipeline.layout import FINGERPRINT, StageDir
@@ -138,6 +139,10 @@ class VerbalizeStage:
         if self.model is None:
             self.model = load_verbalizer_model(self.cfg, self.rt.device)
         cfg = self.cfg
+        self.decoder = None
+        if cfg.verbalize.engine == "continuous":  # the shared prefix is prefilled here, once per model load
+            self.decoder = Decoder(self.model, self.tokenizer, self.prompt, cfg.generation, cfg.verbalizer,
+                                   max_rows=cfg.verbalize.batch_size)
         self.metadata = {
             "nla_pipeline_version": __version__, "base_model": cfg.model.base, "adapter": str(cfg.model.adapter),
             "prompt_sha256": self.prompt.sha256, "depth_pct": str(self.prompt.depth_pct),
@@ -146,18 +151,23 @@ class VerbalizeStage:
             "fingerprint": fingerprint(self.settings()),
         }
 
+    def _explain(self, vectors: torch.Tensor) -> list[tuple[str, bool, int]]:
+        if not len(vectors):
+            return []
+        if self.decoder is not None:
+            eos, stop = list(self.cfg.generation.eos_token_ids), self.cfg.verbalizer.stop_string
+            return [decode_row(self.tokenizer, tokens, eos, stop) for tokens, _, _ in self.decoder.run(vectors)]
+        bs = self.cfg.verbalize.batch_size
+        return [r for s in range(0, len(vectors), bs)
+                for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
+
     def process(self, unit: Unit) -> dict:
         ids, vectors, _, _ = read_activations(unit.source)
         self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
         errors = [vector_problem(v) for v in vectors]
         good = [i for i, e in enumerate(errors) if e is None]
-        results: dict[int, tuple[str, bool, int]] = {}
-        bs = self.cfg.verbalize.batch_size
-        for s in range(0, len(good), bs):
-            batch = good[s : s + bs]
-            for i, r in zip(batch, generate_explanations(self.model, self.tokenizer, self.prompt, vectors[batch], self.cfg)):
-                results[i] = r
+        results = dict(zip(good, self._explain(vectors[good])))
         for i, e in enumerate(errors):
             if e is not None:
                 log.warning("%s row %d (id %s): %s; skipped", unit.source, i, ids[i], e)

@@ -63,3 +63,29 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
 
 
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def peft_model(tiny_model_dir, tiny_adapter_dir):
+    """The card's model: base + LoRA as a PeftModel, float32, unmerged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, tiny_adapter_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def vectors(peft_model):
+    from tests.card_reference import varied_vectors
+
+    return varied_vectors(peft_model.config.hidden_size)
+
+
+@pytest.fixture(scope="session")
+def reference(peft_model, tokenizer, vectors):
+    """Every test vector through the card's one-at-a-time generate (computed once per session)."""
+    from tests.card_reference import card_generate
+
+    return [card_generate(peft_model, tokenizer, v) for v in vectors]

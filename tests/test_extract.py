@@ -41,15 +41,6 @@ def card_activation(model, tokenizer, prompt: str) -> torch.Tensor:
     return activation["h"].squeeze(0).float()
 
 
-@pytest.fixture(scope="module")
-def peft_model(tiny_model_dir, tiny_adapter_dir):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, tiny_adapter_dir).eval()
-
-
 def read_output(out_dir):
     from pipeline.activations import read_activations
     from pipeline.layout import StageDir

@@ -1,0 +1,245 @@
+"""Continuous-batching decoder for the verbalizer: shared prompt prefix, eviction, refill, OOM halving.
+
+    from pipeline.decoding import Decoder
+    decoder = Decoder(model, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=128)
+    rows = decoder.run(vectors)     # [(token ids, finished, n_generated)] in input order
+
+Why hand-written: transformers' ``generate`` keeps finished rows in the batch until the longest row
+ends and recomputes the prompt for every row, and its continuous-batching API takes token ids only,
+not ``inputs_embeds``. Here:
+
+- **Shared prefix.** Every row's prompt is identical up to the injection token, so the KV cache of
+  that prefix is computed once per model load and copied into each new row; only the suffix from the
+  injection token on is prefilled per row.
+- **No work on finished rows.** A row leaves the batch the step it finishes (``batch_select_indices``
+  on the cache) and a waiting row takes its slot. A row that joins late has masked "holes" in its
+  cache columns (keys carry their RoPE rotation, so a key's column index does not matter); columns
+  that are holes for every row are dropped.
+- **Exactly the card's decoding.** Greedy argmax over float32 logits after transformers' own
+  ``RepetitionPenaltyLogitsProcessor`` over the generated tokens, stopping at any EOS id or once the
+  decoded text contains the stop string, as ``generate(do_sample=False)`` does.
+- **OOM halving.** A CUDA out-of-memory error halves the batch: rows in flight are put back in the
+  queue (decoding is deterministic, so they restart with identical results) and nothing is lost.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import deque
+
+import torch
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers.cache_utils import DynamicCache
+
+from pipeline.verbalizer import normalize_to
+
+log = logging.getLogger(__name__)
+OOM_ERRORS = (torch.OutOfMemoryError,)
+
+
+class _Batch:
+    """The rows being decoded: their cache, attention mask [rows, cols] and generated tokens."""
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor):
+        self.cache, self.mask = cache, mask
+        self.rows: list[int] = []           # input index of each batch row
+        self.tokens: list[list[int]] = []   # generated tokens of each batch row
+        self.positions: list[int] = []      # RoPE position of the next token fed for each row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class Decoder:
+    def __init__(self, model, tokenizer, prompt, gcfg, vcfg, max_rows: int, refill_fraction: float = 0.25):
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.gcfg, self.vcfg = gcfg, vcfg
+        self.max_rows = max_rows
+        self.refill_at = max(1, int(max_rows * refill_fraction))
+        self.eos = set(gcfg.eos_token_ids)
+        self.stop = vcfg.stop_string
+        # The stop string may be split over many byte-level tokens; decode a window that surely holds it.
+        self.stop_window = 4 * len(self.stop.encode()) + 4 if self.stop else 0
+        self.embed = model.get_input_embeddings()
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+        forward = (model.get_base_model() if hasattr(model, "get_base_model") else model).forward
+        self.cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.device = self.embed.weight.device
+        self.processors = LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(gcfg.repetition_penalty)] if gcfg.repetition_penalty != 1.0 else [])
+        if gcfg.do_sample:
+            self.processors.extend([TemperatureLogitsWarper(gcfg.temperature), TopKLogitsWarper(gcfg.top_k),
+                                    TopPLogitsWarper(gcfg.top_p)])
+        ids = torch.tensor([prompt.token_ids], device=self.device)
+        with torch.inference_mode():
+            embeds = self.embed(ids)  # [1, prompt_len, d_model]
+            self.prefix_len = prompt.inject_pos
+            self.suffix_embeds = embeds[0, prompt.inject_pos:]  # [suffix_len, d_model]
+            self.prefix_kv = self._prefix_kv(embeds[:, : prompt.inject_pos])
+
+    def _prefix_kv(self, prefix_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (keys, values) [1, kv_heads, prefix_len, head_dim] of the shared prefix, computed once."""
+        if prefix_embeds.shape[1] == 0:
+            return []
+        cache = DynamicCache()  # filled in place by the forward pass
+        self.model(inputs_embeds=prefix_embeds, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    # --- public -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, vectors: torch.Tensor, progress=None) -> list[tuple[list[int], bool, int]]:
+        """Decode every vector ([rows, d_model]); results in input order."""
+        queue = deque(range(len(vectors)))
+        done: dict[int, tuple[list[int], bool, int]] = {}
+        batch: _Batch | None = None
+        while queue or (batch is not None and len(batch)):
+            active = len(batch) if batch is not None else 0
+            free = self.max_rows - active
+            take = []
+            if queue and (active == 0 or free >= min(self.refill_at, len(queue))):
+                take = [queue.popleft() for _ in range(min(free, len(queue)))]
+            try:
+                if take:
+                    batch = self._admit(batch, take, vectors)
+                else:
+                    self._step(batch)
+            except OOM_ERRORS:
+                if self.max_rows == 1:
+                    raise
+                batch = self._halve(batch, queue, take)
+                continue
+            self._retire(batch, done, progress)
+        return [done[i] for i in range(len(vectors))]
+
+    # --- steps --------------------------------------------------------------------------------------
+
+    def _admit(self, batch: _Batch | None, rows: list[int], vectors: torch.Tensor) -> _Batch:
+        """Prefill the suffix of new rows on top of the shared prefix and add them to the batch."""
+        n = len(rows)
+        embeds = self.suffix_embeds.unsqueeze(0).repeat(n, 1, 1)  # [n, suffix_len, d_model]
+        embeds[:, 0] = normalize_to(vectors[rows].to(self.device), self.vcfg.injection_norm).to(embeds.dtype)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(self.prefix_kv):
+            cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), i)
+        suffix_len = embeds.shape[1]
+        total = self.prefix_len + suffix_len
+        positions = torch.arange(self.prefix_len, total, device=self.device).expand(n, -1)
+        out = self.model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
+                         attention_mask=torch.ones(n, total, dtype=torch.long, device=self.device),
+                         **{self.cache_kw: cache})
+        first = self._choose(out.logits[:, -1].float(), [[] for _ in rows])
+        new = _Batch(cache, torch.ones(n, total, dtype=torch.long, device=self.device))
+        new.rows, new.tokens, new.positions = list(rows), [[t] for t in first], [total] * n
+        return new if batch is None or not len(batch) else self._merge(batch, new)
+
+    def _merge(self, batch: _Batch, new: _Batch) -> _Batch:
+        """Stack new rows under the batch; the shorter side gets masked columns at its end.
+
+        Every new tensor is built before any is assigned, so an OOM here leaves the batch intact."""
+        width = max(batch.mask.shape[1], new.mask.shape[1])
+        pa, pb = width - batch.mask.shape[1], width - new.mask.shape[1]
+
+        def cat(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+            pad_x = [0, 0] * (x.dim() - dim - 1) + [0, pa]
+            pad_y = [0, 0] * (y.dim() - dim - 1) + [0, pb]
+            return torch.cat([torch.nn.functional.pad(x, pad_x), torch.nn.functional.pad(y, pad_y)])
+
+        layers = [(cat(a.keys, b.keys, 2), cat(a.values, b.values, 2))
+                  for a, b in zip(batch.cache.layers, new.cache.layers)]
+        mask = cat(batch.mask, new.mask, 1)
+        for layer, (k, v) in zip(batch.cache.layers, layers):
+            layer.keys, layer.values = k, v
+        batch.mask = mask
+        batch.rows += new.rows
+        batch.tokens += new.tokens
+        batch.positions += new.positions
+        return batch
+
+    def _step(self, batch: _Batch) -> None:
+        """One decode step for every row in the batch."""
+        before = batch.mask.shape[1]
+        ids = torch.tensor([[t[-1]] for t in batch.tokens], device=self.device)
+        mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        positions = torch.tensor(batch.positions, device=self.device).unsqueeze(1)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{self.cache_kw: batch.cache})
+        except OOM_ERRORS:
+            for layer in batch.cache.layers:  # layers that already appended this step's keys give them back
+                extra = layer.get_seq_length() - before
+                if extra > 0:
+                    layer.crop(-extra)
+            raise
+        batch.mask = mask
+        nxt = self._choose(out.logits[:, -1].float(), batch.tokens)
+        for row, t in enumerate(nxt):
+            batch.tokens[row].append(t)
+            batch.positions[row] += 1
+
+    def _choose(self, logits: torch.Tensor, history: list[list[int]]) -> list[int]:
+        """Next token per row: processors over each row's generated tokens, then argmax (or sample)."""
+        if self.processors:
+            # Rows have different lengths; pad each with its own first token: gather/scatter of a
+            # repeated id rewrites the same value, so padding changes nothing. At the first token
+            # every row's history is empty ([rows, 0]) and the penalty is a no-op, as in generate.
+            width = max(len(h) for h in history)
+            ids = torch.tensor([h + h[:1] * (width - len(h)) for h in history], dtype=torch.long,
+                               device=logits.device).reshape(len(history), width)
+            logits = self.processors(ids, logits)
+        if self.gcfg.do_sample:
+            return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1).tolist()
+        return logits.argmax(dim=-1).tolist()
+
+    def _finished(self, tokens: list[int]) -> bool:
+        if tokens[-1] in self.eos:
+            return True
+        if self.stop:
+            tail = self.tokenizer.decode(tokens[-self.stop_window:], skip_special_tokens=True)
+            return self.stop in tail
+        return False
+
+    def _retire(self, batch: _Batch, done: dict, progress) -> None:
+        """Move finished rows out of the batch and drop cache columns that no row uses any more."""
+        keep = []
+        for row, tokens in enumerate(batch.tokens):
+            finished = self._finished(tokens)
+            if finished or len(tokens) >= self.gcfg.max_new_tokens:
+                done[batch.rows[row]] = (tokens, finished, len(tokens))
+                if progress is not None:
+                    progress(1)
+            else:
+                keep.append(row)
+        if len(keep) == len(batch):
+            return
+        self._keep(batch, keep)
+        used = batch.mask.any(dim=0)
+        if len(keep) and not used.all():
+            cols = used.nonzero().squeeze(1)
+            batch.mask = batch.mask[:, cols]
+            for layer in batch.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+
+    def _keep(self, batch: _Batch, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        batch.cache.batch_select_indices(index)
+        batch.mask = batch.mask[index]
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.tokens = [batch.tokens[i] for i in keep]
+        batch.positions = [batch.positions[i] for i in keep]
+
+    def _halve(self, batch: _Batch | None, queue: deque, admitted: list[int]) -> _Batch | None:
+        """After an out-of-memory error: halve the row limit and requeue rows so that none is lost."""
+        self.max_rows = max(1, self.max_rows // 2)
+        self.refill_at = max(1, min(self.refill_at, self.max_rows // 4))
+        requeue = list(admitted)
+        if batch is not None and len(batch) > self.max_rows:
+            requeue = batch.rows[self.max_rows:] + requeue
+            self._keep(batch, list(range(self.max_rows)))
+        queue.extendleft(reversed(requeue))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of memory: retrying with at most %d rows per batch (%d row(s) requeued)",
+                    self.max_rows, len(requeue))
+        return batch

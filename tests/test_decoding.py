@@ -1,0 +1,120 @@
+"""The fast paths keep the card's outputs: shared prefix, eviction/refill, OOM halving, order."""
+import logging
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.decoding import Decoder
+from pipeline.modeling import load_extract_model, load_verbalizer_model
+from pipeline.verbalizer import build_prompt, decode_row
+from tests.card_reference import card_text
+from tests.conftest import TINY_CONFIG
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(TINY_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def merged(cfg, tiny_adapter_dir):
+    return load_verbalizer_model(cfg, torch.device("cpu"))
+
+
+class Recorder:
+    """Forward pre-hook: records (rows, new tokens) of every model call; can fake an OOM above a size."""
+
+    def __init__(self, model, oom_above: int | None = None):
+        self.calls: list[tuple[int, int]] = []
+        self.oom_above = oom_above
+        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        x = kwargs.get("inputs_embeds")
+        if x is None:
+            x = kwargs.get("input_ids")
+        if self.oom_above is not None and x.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("injected: batch too large")
+        self.calls.append((x.shape[0], x.shape[1]))
+
+
+def texts(tokenizer, cfg, rows):
+    return [decode_row(tokenizer, toks, cfg.generation.eos_token_ids, cfg.verbalizer.stop_string)[0] for toks, _, _ in rows]
+
+
+def test_prefix_once_and_eviction_refill(merged, tokenizer, cfg, vectors, reference):
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    rec = Recorder(merged)
+    try:
+        decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=4)
+        first = decoder.run(vectors[:12])
+        second = decoder.run(vectors[12:20])  # a second chunk reuses the same prefix cache
+    finally:
+        rec.handle.remove()
+    suffix = len(prompt.token_ids) - prompt.inject_pos
+    assert rec.calls[0] == (1, prompt.inject_pos)  # the shared prefix: once, for one row
+    assert sum(1 for c in rec.calls if c[1] == prompt.inject_pos) == 1
+    admits = [c for c in rec.calls[1:] if c[1] == suffix]
+    steps = [c for c in rec.calls[1:] if c[1] == 1]
+    assert len(admits) + len(steps) == len(rec.calls) - 1
+    assert len(admits) > 2, "freed slots should be refilled"
+    assert max(rows for rows, _ in rec.calls) <= 4
+    rows = first + second
+    # No work on finished rows: each row is fed exactly its generated tokens but the last.
+    assert sum(r for r, _ in steps) == sum(n - 1 for _, _, n in rows)
+    assert texts(tokenizer, cfg, rows) == [card_text(tokenizer, g) for g in reference[:20]]
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(merged, tokenizer, cfg, vectors, reference, caplog):
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=16)
+    rec = Recorder(merged, oom_above=3)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            rows = decoder.run(vectors[:10])
+    finally:
+        rec.handle.remove()
+    assert decoder.max_rows == 2
+    assert "out of memory" in caplog.text
+    assert texts(tokenizer, cfg, rows) == [card_text(tokenizer, g) for g in reference[:10]]
+
+
+def test_out_of_memory_mid_decode_is_rolled_back(merged, tokenizer, cfg, vectors, reference):
+    """An OOM after some steps: the cache is cropped back, half the rows requeued, results unchanged."""
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=6)
+    state = {"steps": 0}
+
+    def flaky(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # [rows, new tokens, d_model]
+        if hidden.shape[1] == 1 and hidden.shape[0] > 3:
+            state["steps"] += 1
+            if state["steps"] == 5:
+                raise torch.OutOfMemoryError("injected mid-decode")
+
+    handle = merged.model.layers[10].register_forward_pre_hook(flaky, with_kwargs=True)
+    try:
+        rows = decoder.run(vectors[20:32])
+    finally:
+        handle.remove()
+    assert decoder.max_rows == 3
+    assert texts(tokenizer, cfg, rows) == [card_text(tokenizer, g) for g in reference[20:32]]
+
+
+def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
+    from pipeline.extract import extract_vectors, render_and_tokenize
+
+    trunk = load_extract_model(cfg, torch.device("cpu"))
+    ids = render_and_tokenize(tokenizer, ["a", "bb bb", "ccc ccc ccc", "dddd", "e e e e e e"])
+    expected, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
+    rec = Recorder(trunk, oom_above=1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline"):
+            got, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
+    finally:
+        rec.handle.remove()
+    assert all(rows == 1 for rows, _ in rec.calls)
+    assert "out of memory" in caplog.text
+    rel = (got - expected).abs().amax(dim=1) / expected.norm(dim=1)  # max |d| / ||ref||, per row
+    assert rel.max() < 1e-5
