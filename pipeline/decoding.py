@@ -30,8 +30,8 @@ from collections import deque
 import torch
 from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                           TopKLogitsWarper, TopPLogitsWarper)
-from transformers.cache_utils import DynamicCache
 
+from pipeline.kvcache import growable_cache
 from pipeline.verbalizer import normalize_to
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ OOM_ERRORS = (torch.OutOfMemoryError,)
 class _Batch:
     """The rows being decoded: their cache, attention mask [rows, cols] and generated tokens."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor):
+    def __init__(self, cache, mask: torch.Tensor):
         self.cache, self.mask = cache, mask
         self.rows: list[int] = []           # input index of each batch row
         self.tokens: list[list[int]] = []   # generated tokens of each batch row
@@ -82,7 +82,7 @@ class Decoder:
         """Per-layer (keys, values) [1, kv_heads, prefix_len, head_dim] of the shared prefix, computed once."""
         if prefix_embeds.shape[1] == 0:
             return []
-        cache = DynamicCache()  # filled in place by the forward pass
+        cache = growable_cache()  # filled in place by the forward pass
         self.model(inputs_embeds=prefix_embeds, use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
         return [(layer.keys, layer.values) for layer in cache.layers]
 
@@ -120,7 +120,7 @@ class Decoder:
         n = len(rows)
         embeds = self.suffix_embeds.unsqueeze(0).repeat(n, 1, 1)  # [n, suffix_len, d_model]
         embeds[:, 0] = normalize_to(vectors[rows].to(self.device), self.vcfg.injection_norm).to(embeds.dtype)
-        cache = DynamicCache()
+        cache = growable_cache()
         for i, (k, v) in enumerate(self.prefix_kv):
             cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), i)
         suffix_len = embeds.shape[1]

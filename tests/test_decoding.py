@@ -118,3 +118,24 @@ def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
     assert "out of memory" in caplog.text
     rel = (got - expected).abs().amax(dim=1) / expected.norm(dim=1)  # max |d| / ||ref||, per row
     assert rel.max() < 1e-5
+
+
+def test_growable_layer_behaves_like_dynamic_layer():
+    from transformers.cache_utils import DynamicLayer
+
+    from pipeline.kvcache import GrowableLayer
+
+    g = torch.Generator().manual_seed(0)
+    ref, grow = DynamicLayer(), GrowableLayer()
+    for n in (5, 1, 1, 70, 1):
+        k, v = torch.randn(3, 2, n, 4, generator=g), torch.randn(3, 2, n, 4, generator=g)
+        for layer in (ref, grow):
+            keys, values = layer.update(k, v)
+        torch.testing.assert_close(grow.keys, ref.keys)
+        torch.testing.assert_close(grow.values, ref.values)
+    for layer in (ref, grow):
+        layer.crop(-2)
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    assert grow.get_seq_length() == ref.get_seq_length() == 76
+    torch.testing.assert_close(grow.keys, ref.keys)
+    torch.testing.assert_close(grow.values, ref.values)

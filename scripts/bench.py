@@ -1,0 +1,364 @@
+"""Throughput benchmark: the card's per-example code vs the pipeline vs the machine's matmul ceiling.
+
+    python scripts/bench.py                      # 2-core CPU, float32, bench model at width 512 (a few minutes)
+    python scripts/bench.py --quick              # smoke run (CI-sized)
+    python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda   # the real 7B shape on a GPU
+
+Everything happens in one process, on one machine, with the same prompts:
+
+1. A **bench model** with random weights is built locally (Qwen2, 28 layers, real vocab and tokenizer;
+   ``--width`` sets the hidden size, ``--shape qwen2.5-7b`` the real one) plus a random LoRA in the
+   card's layout (r 32, alpha 64, seven projections).
+2. Prompts with long-tailed lengths (lognormal, median ~60 tokens, mostly 10-200, a tail past 1,000).
+3. Each stage is timed three ways: the card's per-example code (``generate(max_new_tokens=1)`` with a
+   hook; ``generate(inputs_embeds=...)`` at batch 1 on the PeftModel), the pipeline through its stage
+   driver (the same code path as ``nla-pipeline extract|verbalize``), and a large matmul in the same
+   dtype (the ceiling).
+
+Useful FLOPs count only what the result needs: extract, layers 0..20 over real tokens (linear layers
+plus causal attention); verbalize, the per-row suffix from the injection token on and every generated
+token through all layers and the LM head (the shared prefix is computed once and not counted).
+Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> is scaled by
+``--eos-scale`` (see pipeline.tiny.build_tiny_model); rows then stop at varied lengths, like real
+explanations, and the report gives the distribution.
+
+The table is written to docs/benchmarks.md (replacing the previous one for the same device kind).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.tiny import build_tiny_adapter, build_tiny_model, cache_dir  # noqa: E402
+
+SHAPES = {
+    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4},
+}
+
+
+def bench_shape(args) -> dict:
+    if args.shape:
+        return SHAPES[args.shape]
+    heads = max(1, args.width // 128)
+    return {"hidden_size": args.width, "intermediate_size": args.width * 3, "num_attention_heads": heads,
+            "num_key_value_heads": max(1, heads // 2)}
+
+
+def build_models(args, shape: dict) -> tuple[str, str]:
+    key = f"bench-{shape['hidden_size']}-{shape['intermediate_size']}-{shape['num_attention_heads']}-{shape['num_key_value_heads']}-eos{args.eos_scale}"
+    tok_dir = build_tiny_model(cache_dir() / "tiny-qwen2-28l")  # reuse its tokenizer files
+    base = build_tiny_model(cache_dir() / key, shape=shape, tokenizer_from=tok_dir, eos_scale=args.eos_scale)
+    return str(base), str(build_tiny_adapter(base, cache_dir() / f"{key}-lora"))
+
+
+def make_prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
+    """Random-word prompts whose token counts follow a long-tailed distribution."""
+    rng = np.random.default_rng(seed)
+    words = [w for w in (tokenizer.decode([i]) for i in range(1000, 20000)) if re.fullmatch(r" [a-z]{3,9}", w)]
+    lengths = np.clip(rng.lognormal(np.log(60), 0.85, n), 10, 1600).astype(int)
+    tail = rng.choice(n, size=max(1, n // 64), replace=False)
+    lengths[tail] = rng.integers(1000, 1500, size=len(tail))
+    return ["".join(rng.choice(words, size=k)).strip() for k in lengths]
+
+
+def matmul_ceiling(device, dtype, n: int) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    reps, t0 = 5, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # process high-water mark
+
+
+# --- useful FLOPs ---------------------------------------------------------------------------------
+
+def linear_params_per_layer(c) -> int:
+    hd = c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    return c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
+
+
+def attention_flops(c, query_positions: list[int]) -> float:
+    """QK^T and AV for one layer: 4 * heads * head_dim * (number of keys each query attends to)."""
+    return 4 * c.hidden_size * float(sum(p + 1 for p in query_positions))
+
+
+def extract_flops(c, layers: int, lengths: list[int]) -> float:
+    per_token = 2 * linear_params_per_layer(c) * layers
+    return sum(per_token * n + layers * attention_flops(c, list(range(n))) for n in lengths)
+
+
+def verbalize_flops(c, prefix: int, suffix: int, generated: list[int]) -> float:
+    L = c.num_hidden_layers
+    per_token = 2 * linear_params_per_layer(c) * L
+    head = 2 * c.hidden_size * c.vocab_size
+    total = 0.0
+    for g in generated:
+        fed = suffix + max(g - 1, 0)  # suffix prefill, then every generated token but the last is fed back
+        positions = list(range(prefix, prefix + fed))
+        total += per_token * fed + L * attention_flops(c, positions) + head * g
+    return total
+
+
+# --- the card's per-example code ------------------------------------------------------------------
+
+def card_extract(model, tokenizer, prompts, layer: int, device) -> float:
+    act = {}
+
+    def hook(mod, inp, out):
+        if "h" not in act:
+            act["h"] = (out[0] if isinstance(out, tuple) else out)[:, -1, :].detach()
+
+    handle = model.base_model.model.model.layers[layer].register_forward_hook(hook)
+    t0 = time.perf_counter()
+    with torch.no_grad(), model.disable_adapter():
+        for p in prompts:
+            act.clear()
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            inputs = tokenizer(chat, return_tensors="pt").to(device)
+            model.generate(**inputs, max_new_tokens=1, pad_token_id=tokenizer.eos_token_id)
+    _sync(device)
+    handle.remove()
+    return time.perf_counter() - t0
+
+
+def card_verbalize(model, tokenizer, prompt_text: str, vectors: torch.Tensor, device, max_new: int):
+    inject_id = tokenizer.encode("㈎", add_special_tokens=False)[0]
+    tokens = tokenizer.encode(prompt_text, add_special_tokens=True)
+    pos = tokens.index(inject_id)
+    ids = torch.tensor([tokens], device=device)
+    generated = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for v in vectors:
+            emb = model.get_input_embeddings()(ids).clone()
+            v = v.to(device)
+            emb[0, pos] = (v * (150.0 / v.float().norm().clamp_min(1e-12))).to(emb.dtype)
+            out = model.generate(inputs_embeds=emb, max_new_tokens=max_new, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+            generated.append(out.shape[1])
+    _sync(device)
+    return time.perf_counter() - t0, generated
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+def pipeline_stage(stage_cls, cfg, rt, device, **inject):
+    from pipeline.driver import run_stage
+
+    _reset_peak(device)
+    stage = stage_cls(cfg, rt, **inject)
+    result = run_stage(stage, cfg, rt, overwrite=True)
+    _sync(device)
+    return result, stage, peak_memory_gib(device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_argument_group("model")
+    g.add_argument("--width", type=int, default=512, help="hidden size of the bench model (intermediate = 3x)")
+    g.add_argument("--shape", choices=sorted(SHAPES), help="use a real model's shape instead of --width")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--eos-scale", type=float, default=2.5, help="stretch of the <|im_end|> LM-head row (varied stop lengths)")
+    g = ap.add_argument_group("workload")
+    g.add_argument("--extract-rows", type=int, default=256)
+    g.add_argument("--verbalize-rows", type=int, default=128)
+    g.add_argument("--card-rows", type=int, default=24, help="rows timed with the card's per-example extraction")
+    g.add_argument("--card-verbalize-rows", type=int, default=6, help="rows timed with the card's per-example generate")
+    g.add_argument("--max-new-tokens", type=int, default=120)
+    g.add_argument("--batch-size", type=int, default=96, help="verbalize.batch_size for the pipeline")
+    g.add_argument("--max-batch-tokens", type=int, default=8192)
+    g.add_argument("--quick", action="store_true", help="tiny smoke run: few rows, short generations")
+    g = ap.add_argument_group("output")
+    g.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    g.add_argument("--json", help="also write the raw numbers here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.extract_rows, args.verbalize_rows, args.card_rows, args.card_verbalize_rows = 32, 16, 4, 2
+        args.max_new_tokens, args.width = 24, min(args.width, 256)
+
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.extract import ExtractStage
+    from pipeline.runtime import Runtime
+    from pipeline.verbalize import VerbalizeStage
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    shape = bench_shape(args)
+    base_dir, adapter_dir = build_models(args, shape)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    mcfg = AutoConfig.from_pretrained(base_dir)
+    work = Path(tempfile.mkdtemp(prefix="nla-bench-"))
+    prompts = make_prompts(tokenizer, args.extract_rows)
+    pq.write_table(pa.table({"prompt": prompts}), work / "prompts.parquet")
+    cfg = load_config(str(REPO / "configs" / "qwen2.5-7b-l20-av-v2.yaml"), [
+        f"model.base={base_dir}", f"model.adapter={adapter_dir}", f"model.dtype={args.dtype}",
+        f"model.device={device.type}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=256",
+        f"extract.output_dir={work / 'extract'}", f"extract.max_batch_tokens={args.max_batch_tokens}",
+        f"verbalize.output_dir={work / 'verbalize'}", f"verbalize.batch_size={args.batch_size}",
+        f"generation.max_new_tokens={args.max_new_tokens}", "log_level=WARNING"])
+    rt = Runtime(0, 1, device)
+    report = {"args": vars(args), "shape": shape}
+
+    ceiling = matmul_ceiling(device, dtype, 4096 if device.type == "cpu" else 8192)
+    report["ceiling_flops"] = ceiling
+
+    # --- stage 1 ------------------------------------------------------------------------------
+    result, stage, mem = pipeline_stage(ExtractStage, cfg, rt, device)
+    lengths = [len(t) for t in tokenizer.apply_chat_template(
+        [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)["input_ids"]]
+    useful = extract_flops(mcfg, cfg.extract.layer + 1, lengths)
+    card_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}), adapter_dir).eval()
+    card_idx = np.random.default_rng(1).choice(len(prompts), size=min(args.card_rows, len(prompts)), replace=False)
+    card_s = card_extract(card_model, tokenizer, [prompts[i] for i in card_idx], cfg.extract.layer, device)
+    card_tokens = sum(lengths[i] for i in card_idx)
+    report["extract"] = {
+        "rows": result.rows, "seconds": result.seconds, "tokens": result.stats["tokens"],
+        "computed_tokens": result.stats["computed_tokens"], "useful_flops": useful, "peak_mem_gib": mem,
+        "card_rows": len(card_idx), "card_seconds": card_s, "card_tokens": card_tokens,
+        "tokens_p50_p90_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 90)), max(lengths)],
+    }
+    del stage
+
+    # --- stage 2 ------------------------------------------------------------------------------
+    from pipeline.activations import read_activations, write_activations
+
+    vectors = np.concatenate([read_activations(f)[1] for f in sorted((work / "extract").glob("*/chunk_*.arrow"))])
+    vectors = vectors[: args.verbalize_rows]
+    shard = work / "acts" / "00000-bench"
+    shard.mkdir(parents=True)
+    write_activations(shard / "chunk_00000.arrow", [f"r{i}" for i in range(len(vectors))], vectors,
+                      [0] * len(vectors), {})
+    (shard / "_COMPLETE").write_text("{}")
+    cfg.verbalize.input_dir = str(work / "acts")
+    result, stage, mem = pipeline_stage(VerbalizeStage, cfg, rt, device)
+    table = pq.read_table(sorted((work / "verbalize").glob("*/chunk_*.parquet"))[0])
+    generated = table.column("n_generated").to_pylist()
+    prompt = stage.prompt
+    suffix = len(prompt.token_ids) - prompt.inject_pos
+    card_vecs = torch.from_numpy(vectors[: args.card_verbalize_rows].copy())
+    card_s, card_gen = card_verbalize(card_model, tokenizer, prompt.text, card_vecs, device, args.max_new_tokens)
+    report["verbalize"] = {
+        "rows": result.rows, "seconds": result.seconds, "generated_tokens": sum(generated),
+        "useful_flops": verbalize_flops(mcfg, prompt.inject_pos, suffix, generated), "peak_mem_gib": mem,
+        "finished_fraction": float(np.mean(table.column("finished").to_pylist())),
+        "generated_p10_p50_p90": [int(np.percentile(generated, q)) for q in (10, 50, 90)],
+        "card_rows": len(card_vecs), "card_seconds": card_s, "card_generated_tokens": sum(card_gen),
+        "card_same_rows_pipeline_tokens": sum(generated[: len(card_vecs)]),
+        "prompt_tokens": len(prompt.token_ids), "prefix_tokens": prompt.inject_pos,
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    text = render(report, device, " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]))
+    write_report(Path(args.out), text, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(text)
+    return 0
+
+
+def machine(device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads (torch {torch.__version__})"
+
+
+def render(r: dict, device, command: str) -> str:
+    e, v, ceil = r["extract"], r["verbalize"], r["ceiling_flops"]
+    e_rps, e_card = e["rows"] / e["seconds"], e["card_rows"] / e["card_seconds"]
+    v_rps, v_card = v["rows"] / v["seconds"], v["card_rows"] / v["card_seconds"]
+    # The card's code is timed on a subset whose rows may be longer or shorter on average than the
+    # whole set, so the speed-up is also given per token, which does not depend on that mix.
+    e_tok = (e["tokens"] / e["seconds"]) / (e["card_tokens"] / e["card_seconds"])
+    v_tok = (v["generated_tokens"] / v["seconds"]) / (v["card_generated_tokens"] / v["card_seconds"])
+    e_util, v_util = e["useful_flops"] / e["seconds"] / ceil, v["useful_flops"] / v["seconds"] / ceil
+    pad = 1 - e["tokens"] / e["computed_tokens"]
+    s = r["shape"]
+    lines = [
+        f"## {device.type.upper()}: {machine(device)}",
+        "",
+        f"- Date: {datetime.date.today().isoformat()}",
+        f"- Command: `{command}`",
+        f"- Bench model: Qwen2, 28 layers, d_model {s['hidden_size']}, intermediate {s['intermediate_size']}, "
+        f"{s['num_attention_heads']} heads / {s['num_key_value_heads']} KV heads, vocab 152064, random weights, "
+        f"{r['args']['dtype']}; random LoRA r 32 (merged by the pipeline, unmerged PeftModel for the card's code).",
+        f"- Matmul ceiling (4096² or 8192² in {r['args']['dtype']}, timed here): {ceil / 1e9:,.1f} GFLOP/s",
+        f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
+        f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens; the card's code timed on {e['card_rows']} of them.",
+        f"- Verbalize: {v['rows']} vectors, max_new_tokens {r['args']['max_new_tokens']}, prompt {v['prompt_tokens']} tokens "
+        f"(shared prefix {v['prefix_tokens']}); rows stop at varied lengths (EOS row of the LM head scaled by "
+        f"{r['args']['eos_scale']}): generated p10/p50/p90 = {'/'.join(map(str, v['generated_p10_p50_p90']))}, "
+        f"{100 * v['finished_fraction']:.0f}% finished before the cap; the card's code timed on {v['card_rows']} of them.",
+        "",
+        "| stage | way | rows/s | tokens/s | vs card (rows/s) | vs card (tokens/s) | useful FLOP/s | of ceiling | padding | peak memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| extract | card, per example | {e_card:.2f} | {e['card_tokens'] / e['card_seconds']:,.0f} | 1.0x | 1.0x | | | 0% | |",
+        f"| extract | pipeline | {e_rps:.2f} | {e['tokens'] / e['seconds']:,.0f} | {e_rps / e_card:.1f}x | {e_tok:.1f}x | "
+        f"{e['useful_flops'] / e['seconds'] / 1e9:,.1f} G | {100 * e_util:.0f}% | {100 * pad:.1f}% | {e['peak_mem_gib']:.2f} GiB |",
+        f"| verbalize | card, per example | {v_card:.3f} | {v['card_generated_tokens'] / v['card_seconds']:,.1f} | 1.0x | 1.0x | | | | |",
+        f"| verbalize | pipeline | {v_rps:.3f} | {v['generated_tokens'] / v['seconds']:,.1f} | {v_rps / v_card:.1f}x | {v_tok:.1f}x | "
+        f"{v['useful_flops'] / v['seconds'] / 1e9:,.1f} G | {100 * v_util:.0f}% | 0% | {v['peak_mem_gib']:.2f} GiB |",
+        "",
+        "tokens/s: prompt tokens for extract, generated tokens for verbalize. Peak memory: "
+        + ("torch.cuda.max_memory_allocated per stage." if device.type == "cuda" else
+           "the process's resident high-water mark (ru_maxrss) after the stage, so it includes what came before."),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, section: str, device) -> None:
+    """Replace this device kind's section of docs/benchmarks.md, keeping the others."""
+    header = "# Benchmarks\n\nWritten by `scripts/bench.py`; each section is replaced when the bench runs again on that kind of device.\n"
+    old = path.read_text(encoding="utf-8") if path.exists() else header
+    kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA"
+    parts = re.split(r"(?m)^(?=## )", old)
+    kept = [p for p in parts[1:] if not p.startswith(kind)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(parts[0].rstrip() + "\n\n" + "\n".join([section] + [p.rstrip() + "\n" for p in kept]), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
