@@ -34,7 +34,7 @@ class ModelConfig:
     adapter: str | None = _f(None, "verbalizer LoRA: HF id, local directory, or builtin:tiny-lora (stage 2)")
     dtype: str = _f("auto", "auto|bfloat16|float16|float32; auto is bfloat16 on CUDA, float32 on CPU")
     device: str = _f("auto", "auto|cpu|cuda; auto picks this process's GPU when there is one")
-    attn_implementation: str = _f("sdpa", "attention kernel passed to from_pretrained (sdpa|eager|flash_attention_2)")
+    attn_implementation: str = _f("auto", "auto (sdpa; on CPU with native grouped-KV heads) or any from_pretrained value: sdpa|eager|flash_attention_2")
     allow_adapter_base_mismatch: bool = _f(False, "load an adapter whose recorded base differs from model.base")
 
 

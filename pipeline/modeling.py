@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.attention import resolve_attention
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def load_extract_model(cfg, device: torch.device):
     if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[: layer + 1]
     dtype = resolve_dtype(cfg.model.dtype, device)
-    kwargs = dict(config=config, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+    kwargs = dict(config=config, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                   device_map={"": device})
     with _load_errors("the base model", "model.base", source):
         if cfg.extract.with_adapter:
@@ -157,7 +158,7 @@ def load_verbalizer_model(cfg, device: torch.device):
     dtype = resolve_dtype(cfg.model.dtype, device)
     with _load_errors("the base model", "model.base", source):
         base = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=cfg.model.attn_implementation, device_map={"": device}
+            source, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device), device_map={"": device}
         )
     model = _apply_adapter(cfg, base, merge=cfg.verbalize.merge_lora)
     return model.eval().requires_grad_(False)

@@ -28,7 +28,7 @@ class Recorder:
     def __init__(self, model, oom_above: int | None = None):
         self.calls: list[tuple[int, int]] = []
         self.oom_above = oom_above
-        self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
+        self.handle = getattr(model, "model", model).register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
         x = kwargs.get("inputs_embeds")
@@ -108,7 +108,7 @@ def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
     trunk = load_extract_model(cfg, torch.device("cpu"))
     ids = render_and_tokenize(tokenizer, ["a", "bb bb", "ccc ccc ccc", "dddd", "e e e e e e"])
     expected, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
-    rec = Recorder(trunk, oom_above=1)
+    rec = Recorder(trunk, oom_above=1)  # trunk is the decoder body itself
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline"):
             got, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
