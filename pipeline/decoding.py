@@ -15,9 +15,9 @@ not ``inputs_embeds``. Here:
   on the cache) and a waiting row takes its slot. A row that joins late has masked "holes" in its
   cache columns (keys carry their RoPE rotation, so a key's column index does not matter); columns
   that are holes for every row are dropped.
-- **Exactly the card's decoding.** Greedy argmax over float32 logits after transformers' own
-  ``RepetitionPenaltyLogitsProcessor`` over the generated tokens, stopping at any EOS id or once the
-  decoded text contains the stop string, as ``generate(do_sample=False)`` does.
+- **Exactly the card's decoding.** Greedy argmax over float32 logits after the repetition penalty
+  over the generated tokens (transformers' rule, applied in place), stopping at any EOS id or once
+  the decoded text contains the stop string, as ``generate(do_sample=False)`` does.
 - **OOM halving.** A CUDA out-of-memory error halves the batch: rows in flight are put back in the
   queue (decoding is deterministic, so they restart with identical results) and nothing is lost.
 """
@@ -28,8 +28,7 @@ import logging
 from collections import deque
 
 import torch
-from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from pipeline.kvcache import growable_cache
 from pipeline.verbalizer import normalize_to
@@ -71,11 +70,10 @@ class Decoder:
         # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
         self.cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.device = self.embed.weight.device
-        self.processors = LogitsProcessorList(
-            [RepetitionPenaltyLogitsProcessor(gcfg.repetition_penalty)] if gcfg.repetition_penalty != 1.0 else [])
-        if gcfg.do_sample:
-            self.processors.extend([TemperatureLogitsWarper(gcfg.temperature), TopKLogitsWarper(gcfg.top_k),
-                                    TopPLogitsWarper(gcfg.top_p)])
+        self.penalty = gcfg.repetition_penalty
+        self.warpers = LogitsProcessorList([
+            TemperatureLogitsWarper(gcfg.temperature), TopKLogitsWarper(gcfg.top_k), TopPLogitsWarper(gcfg.top_p),
+        ] if gcfg.do_sample else [])
         ids = torch.tensor([prompt.token_ids], device=self.device)
         with torch.inference_mode():
             embeds = self.embed(ids)  # [1, prompt_len, d_model]
@@ -184,16 +182,23 @@ class Decoder:
             batch.positions[row] += 1
 
     def _choose(self, logits: torch.Tensor, history: list[list[int]]) -> list[int]:
-        """Next token per row: processors over each row's generated tokens, then argmax (or sample)."""
-        if self.processors:
-            # Rows have different lengths; pad each with its own first token: gather/scatter of a
-            # repeated id rewrites the same value, so padding changes nothing. At the first token
-            # every row's history is empty ([rows, 0]) and the penalty is a no-op, as in generate.
+        """Next token per row: repetition penalty over each row's generated tokens, then argmax (or sample).
+
+        logits: float32 [rows, vocab], modified in place.
+        """
+        if self.penalty != 1.0 and history[0]:
+            # transformers' RepetitionPenaltyLogitsProcessor, done in place: the library's version
+            # rewrites the whole [rows, vocab] tensor (42 ms for 96 rows x 152k vocab, vs 0.1 ms).
+            # Rows have different lengths; each is padded with its own first token, and gather/scatter
+            # of a repeated id writes the same value, so padding changes nothing. At the first token
+            # (prefill) every history is empty and, as in generate, nothing is penalized.
             width = max(len(h) for h in history)
-            ids = torch.tensor([h + h[:1] * (width - len(h)) for h in history], dtype=torch.long,
-                               device=logits.device).reshape(len(history), width)
-            logits = self.processors(ids, logits)
+            ids = torch.tensor([h + h[:1] * (width - len(h)) for h in history], dtype=torch.long, device=logits.device)
+            score = logits.gather(1, ids)
+            logits.scatter_(1, ids, torch.where(score < 0, score * self.penalty, score / self.penalty))
         if self.gcfg.do_sample:
+            ids = torch.tensor([h for h in history], dtype=torch.long, device=logits.device).reshape(len(history), -1)
+            logits = self.warpers(ids, logits)
             return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1).tolist()
         return logits.argmax(dim=-1).tolist()
 
@@ -220,13 +225,20 @@ class Decoder:
             return
         self._keep(batch, keep)
         used = batch.mask.any(dim=0)
-        if len(keep) and not used.all():
+        # Columns that every remaining row masks are dropped once they are a quarter of the cache:
+        # dropping copies the whole cache, so it is not worth doing for one column at a time.
+        if len(keep) and (~used).sum() * 4 > used.numel():
             cols = used.nonzero().squeeze(1)
             batch.mask = batch.mask[:, cols]
             for layer in batch.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
 
     def _keep(self, batch: _Batch, keep: list[int]) -> None:
+        """Keep the rows ``keep``; the last survivors move into the freed slots, so the cache copies
+        only the moved rows (see GrowableLayer.batch_select_indices). Row order is irrelevant."""
+        n, kept = len(keep), set(keep)
+        fillers = iter([r for r in keep if r >= n])
+        keep = [r if r in kept else next(fillers) for r in range(n)]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
         batch.cache.batch_select_indices(index)
         batch.mask = batch.mask[index]

@@ -19,19 +19,20 @@ class GrowableLayer(DynamicLayer):
     _v: torch.Tensor | None = None
     _klen: int = 0
     _vlen: int = 0  # tracked apart from _klen: parents assign keys, then read and assign values
+    _rows: int = 0  # live rows; the buffers may hold more (rows evicted in place)
 
-    # keys/values stay attributes for every caller (transformers and us): views of the live columns.
+    # keys/values stay attributes for every caller (transformers and us): views of the live part.
     @property
     def keys(self):
-        return None if self._k is None else self._k[..., : self._klen, :]
+        return None if self._k is None else self._k[: self._rows, :, : self._klen]
 
     @keys.setter
     def keys(self, t):
-        self._k, self._klen = t, 0 if t is None else t.shape[-2]
+        self._k, self._klen, self._rows = t, 0 if t is None else t.shape[-2], 0 if t is None else t.shape[0]
 
     @property
     def values(self):
-        return None if self._v is None else self._v[..., : self._vlen, :]
+        return None if self._v is None else self._v[: self._rows, :, : self._vlen]
 
     @values.setter
     def values(self, t):
@@ -45,12 +46,13 @@ class GrowableLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, used = key_states.shape[-2], self._klen
-        if self._k is None or used + n > self._k.shape[-2]:
+        if self._k is None or used + n > self._k.shape[-2] or key_states.shape[0] != self._rows:
             capacity = max(used + n, 2 * used, used + n + 64)
-            self._k = self._grow(self._k, key_states, used, capacity)
-            self._v = self._grow(self._v, value_states, used, capacity)
-        self._k[..., used : used + n, :] = key_states
-        self._v[..., used : used + n, :] = value_states
+            self._k = self._grow(self.keys, key_states, used, capacity)
+            self._v = self._grow(self.values, value_states, used, capacity)
+            self._rows = key_states.shape[0]
+        self._k[: self._rows, :, used : used + n] = key_states
+        self._v[: self._rows, :, used : used + n] = value_states
         self._klen = self._vlen = used + n
         return self.keys, self.values
 
@@ -65,8 +67,20 @@ class GrowableLayer(DynamicLayer):
         return self._klen
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self._k is not None:
+        """Keep rows ``indices``. When every row that moves comes from beyond the new row count (the
+        decoder fills freed slots with the last rows), move just those rows in place."""
+        if self._k is None:
+            return
+        idx = indices.tolist()
+        n = len(idx)
+        moves = [(dst, src) for dst, src in enumerate(idx) if dst != src]
+        if all(src >= n for _, src in moves):
+            for dst, src in moves:
+                self._k[dst, :, : self._klen] = self._k[src, :, : self._klen]
+                self._v[dst, :, : self._vlen] = self._v[src, :, : self._vlen]
+        else:
             self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+        self._rows = n
 
 
 def growable_cache() -> Cache:
