@@ -51,7 +51,7 @@ class _Batch:
 
 
 class Decoder:
-    def __init__(self, model, tokenizer, prompt, gcfg, vcfg, max_rows: int, refill_fraction: float = 0.25):
+    def __init__(self, model, tokenizer, prompt, gcfg, vcfg, max_rows: int, refill_fraction: float = 0.125):
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
         self.gcfg, self.vcfg = gcfg, vcfg
         self.max_rows = max_rows
@@ -138,23 +138,14 @@ class Decoder:
         return new if batch is None or not len(batch) else self._merge(batch, new)
 
     def _merge(self, batch: _Batch, new: _Batch) -> _Batch:
-        """Stack new rows under the batch; the shorter side gets masked columns at its end.
-
-        Every new tensor is built before any is assigned, so an OOM here leaves the batch intact."""
-        width = max(batch.mask.shape[1], new.mask.shape[1])
-        pa, pb = width - batch.mask.shape[1], width - new.mask.shape[1]
-
-        def cat(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
-            pad_x = [0, 0] * (x.dim() - dim - 1) + [0, pa]
-            pad_y = [0, 0] * (y.dim() - dim - 1) + [0, pb]
-            return torch.cat([torch.nn.functional.pad(x, pad_x), torch.nn.functional.pad(y, pad_y)])
-
-        layers = [(cat(a.keys, b.keys, 2), cat(a.values, b.values, 2))
-                  for a, b in zip(batch.cache.layers, new.cache.layers)]
-        mask = cat(batch.mask, new.mask, 1)
-        for layer, (k, v) in zip(batch.cache.layers, layers):
-            layer.keys, layer.values = k, v
-        batch.mask = mask
+        """Add new rows below the batch. They are never longer than the batch's rows (those hold the
+        same prefix and suffix plus generated tokens), so their missing columns become masked holes."""
+        width, cols = batch.mask.shape[1], new.mask.shape[1]
+        for layer in batch.cache.layers:  # allocate everywhere first: an OOM here changes nothing
+            layer.reserve_rows(len(batch) + len(new))
+        for layer, fresh in zip(batch.cache.layers, new.cache.layers):
+            layer.append_rows(fresh.keys, fresh.values)
+        batch.mask = torch.cat([batch.mask, torch.nn.functional.pad(new.mask, (0, width - cols))])
         batch.rows += new.rows
         batch.tokens += new.tokens
         batch.positions += new.positions

@@ -56,6 +56,32 @@ class GrowableLayer(DynamicLayer):
         self._klen = self._vlen = used + n
         return self.keys, self.values
 
+    def reserve_rows(self, rows: int) -> None:
+        """Make room for ``rows`` rows (doubling). Allocation only: the live cache is unchanged, so an
+        out-of-memory error here leaves the layer consistent."""
+        if rows <= self._k.shape[0]:
+            return
+        capacity = max(rows, 2 * self._rows)
+        bufs = []
+        for old in (self._k, self._v):
+            buf = old.new_empty(capacity, *old.shape[1:])
+            buf[: self._rows, :, : self._klen] = old[: self._rows, :, : self._klen]
+            bufs.append(buf)
+        self._k, self._v = bufs
+
+    def append_rows(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add rows below the live ones, in place when the buffer has room. New rows may have fewer
+        columns than the layer; their remaining columns are zeroed (the caller masks them), since
+        masked garbage could still be NaN and 0 * NaN poisons attention."""
+        n, cols = key_states.shape[0], key_states.shape[-2]
+        assert cols <= self._klen, "new rows must not be longer than the cache"
+        rows = self._rows + n
+        self.reserve_rows(rows)
+        for buf, new in ((self._k, key_states), (self._v, value_states)):
+            buf[self._rows : rows, :, :cols] = new
+            buf[self._rows : rows, :, cols : self._klen] = 0
+        self._rows = rows
+
     @staticmethod
     def _grow(old: torch.Tensor | None, like: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
         buf = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
