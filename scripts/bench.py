@@ -200,12 +200,12 @@ def main(argv=None) -> int:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--eos-scale", type=float, default=2.5, help="stretch of the <|im_end|> LM-head row (varied stop lengths)")
     g = ap.add_argument_group("workload")
-    g.add_argument("--extract-rows", type=int, default=256)
-    g.add_argument("--verbalize-rows", type=int, default=128)
+    g.add_argument("--extract-rows", type=int, default=384)
+    g.add_argument("--verbalize-rows", type=int, default=384)
     g.add_argument("--card-rows", type=int, default=24, help="rows timed with the card's per-example extraction")
     g.add_argument("--card-verbalize-rows", type=int, default=6, help="rows timed with the card's per-example generate")
     g.add_argument("--max-new-tokens", type=int, default=120)
-    g.add_argument("--batch-size", type=int, default=96, help="verbalize.batch_size for the pipeline")
+    g.add_argument("--batch-size", type=int, default=256, help="verbalize.batch_size for the pipeline")
     g.add_argument("--max-batch-tokens", type=int, default=8192)
     g.add_argument("--quick", action="store_true", help="tiny smoke run: few rows, short generations")
     g = ap.add_argument_group("output")
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     pq.write_table(pa.table({"prompt": prompts}), work / "prompts.parquet")
     cfg = load_config(str(REPO / "configs" / "qwen2.5-7b-l20-av-v2.yaml"), [
         f"model.base={base_dir}", f"model.adapter={adapter_dir}", f"model.dtype={args.dtype}",
-        f"model.device={device.type}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=256",
+        f"model.device={device.type}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
         f"extract.output_dir={work / 'extract'}", f"extract.max_batch_tokens={args.max_batch_tokens}",
         f"verbalize.output_dir={work / 'verbalize'}", f"verbalize.batch_size={args.batch_size}",
         f"generation.max_new_tokens={args.max_new_tokens}", "log_level=WARNING"])
