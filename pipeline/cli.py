@@ -51,11 +51,10 @@ def _dispatch(args) -> int:
 
         print_status(cfg)
         return 0
-    from pipeline.runtime import init_runtime
-
     from pipeline.driver import run_pipeline, run_stage
     from pipeline.extract import ExtractStage
     from pipeline.modeling import resolve_source
+    from pipeline.runtime import init_runtime
     from pipeline.verbalize import VerbalizeStage
 
     rt = init_runtime(cfg)

@@ -5,8 +5,10 @@
     result.rows, result.seconds, result.out_dir
 
 A stage object supplies ``out`` (a StageDir), ``plan()`` (every Unit, in input order),
-``settings()`` (what changes its outputs), ``setup()`` (load models; called only if there is work)
-and ``process(unit)`` (write one chunk atomically, return its stats). The driver owns the rest.
+``settings()`` (what changes its outputs), ``shard_ready(name)`` (may the shard be marked complete once
+all its chunks exist), ``setup()`` (load models; called only if there is work)
+and ``process(unit, progress)`` (write one chunk atomically, return its stats; ``progress(n)``, when
+given, is called as rows finish). The driver owns the rest.
 
 Work split: rank r takes ``pending[r::world_size]``, where ``pending`` is the units without a final
 file. Every rank computes the same list from the same directory listing at start-up (after a
@@ -89,8 +91,10 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
     bar = tqdm(total=sum(u.num_rows for u in pending), desc=stage.name, unit="row", dynamic_ncols=True,
                disable=not rt.is_main)
     with bar:
+        # A lone process can also tick the bar inside a chunk (verbalize chunks take minutes).
+        tick = (lambda n: bar.update(n)) if rt.world_size == 1 else None
         for unit in mine:
-            stats = stage.process(unit)
+            stats = stage.process(unit, progress=tick)
             result.rows += unit.num_rows
             result.chunks += 1
             for k, v in stats.items():

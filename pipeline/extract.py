@@ -15,13 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 
-import numpy as np
 import torch
 
 from pipeline import __version__
 from pipeline.activations import write_activations
-from pipeline.config import fingerprint
 from pipeline.batching import token_budget_batches
+from pipeline.config import fingerprint
 from pipeline.driver import Unit
 from pipeline.layout import StageDir
 from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
@@ -51,6 +50,8 @@ def _forward_last(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Tenso
     for row, t in enumerate(token_ids):  # right padding: real tokens keep positions 0..len-1
         ids[row, : len(t)] = torch.tensor(t)
         mask[row, : len(t)] = 1
+    if device.type == "cuda":  # pinned host memory makes the copies below asynchronous
+        ids, mask = ids.pin_memory(), mask.pin_memory()
     hidden = trunk(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
                    use_cache=False).last_hidden_state  # [rows, width, d_model]
     last = torch.tensor(lengths, device=device) - 1
@@ -142,7 +143,7 @@ class ExtractStage:
     def _num_layers(self) -> int:
         return load_model_config(self.cfg).num_hidden_layers
 
-    def process(self, unit: Unit) -> dict:
+    def process(self, unit: Unit, progress=None) -> dict:
         ids, prompts = read_prompts(unit.source, self.cfg.data)
         token_ids = render_and_tokenize(self.tokenizer, prompts)
         vectors, stats = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,

@@ -6,15 +6,16 @@
     from pipeline.verbalize import generate_explanations
     rows = generate_explanations(model, tokenizer, prompt, vectors, cfg)   # [(text, finished, n), ...]
 
-This is the card's protocol with its two example bugs fixed: everything ``generate`` returns is
-decoded (it returns only new tokens when given ``inputs_embeds``), then cut at the stop string.
-Every row has the same prompt, so batches need no padding; the attention mask is still explicit.
+This is the card's protocol with its two example bugs fixed: everything generated is decoded (the
+card's ``generate(inputs_embeds=...)`` returns only new tokens), then cut at the stop string. Every
+row has the same prompt, so no row is padded; the attention mask is still explicit. Two engines:
+``continuous`` (default; pipeline.decoding: shared prefix, continuous batching) and ``generate``
+(transformers' generate per batch, the simple reference path).
 """
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,7 +28,14 @@ from pipeline.decoding import Decoder
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
 from pipeline.layout import FINGERPRINT, StageDir
-from pipeline.modeling import load_model_config, load_tokenizer, load_verbalizer_model, model_identity, resolve_dtype, resolve_source
+from pipeline.modeling import (
+    load_model_config,
+    load_tokenizer,
+    load_verbalizer_model,
+    model_identity,
+    resolve_dtype,
+    resolve_source,
+)
 from pipeline.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
 
 log = logging.getLogger(__name__)
@@ -109,6 +117,7 @@ class VerbalizeStage:
 
     def unit_from_extract(self, unit: Unit, extract_out: StageDir) -> Unit:
         """The verbalize unit that reads an extract unit's output (used by ``run``)."""
+        self.inp = extract_out  # under `run`, the input is always this run's extract output
         return Unit(unit.shard, unit.index, unit.num_rows, extract_out.chunk_path(unit.shard, unit.index))
 
     def _check_width(self, path, width: int | None) -> None:
@@ -151,23 +160,24 @@ class VerbalizeStage:
             "fingerprint": fingerprint(self.settings()),
         }
 
-    def _explain(self, vectors: torch.Tensor) -> list[tuple[str, bool, int]]:
+    def _explain(self, vectors: torch.Tensor, progress=None) -> list[tuple[str, bool, int]]:
         if not len(vectors):
             return []
         if self.decoder is not None:
             eos, stop = list(self.cfg.generation.eos_token_ids), self.cfg.verbalizer.stop_string
-            return [decode_row(self.tokenizer, tokens, eos, stop) for tokens, _, _ in self.decoder.run(vectors)]
+            rows = self.decoder.run(vectors, progress=progress)
+            return [decode_row(self.tokenizer, tokens, eos, stop) for tokens, _, _ in rows]
         bs = self.cfg.verbalize.batch_size
         return [r for s in range(0, len(vectors), bs)
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
 
-    def process(self, unit: Unit) -> dict:
+    def process(self, unit: Unit, progress=None) -> dict:
         ids, vectors, _, _ = read_activations(unit.source)
         self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
         errors = [vector_problem(v) for v in vectors]
         good = [i for i, e in enumerate(errors) if e is None]
-        results = dict(zip(good, self._explain(vectors[good])))
+        results = dict(zip(good, self._explain(vectors[good], progress)))
         for i, e in enumerate(errors):
             if e is not None:
                 log.warning("%s row %d (id %s): %s; skipped", unit.source, i, ids[i], e)

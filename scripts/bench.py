@@ -251,7 +251,10 @@ def main(argv=None) -> int:
     useful = extract_flops(mcfg, cfg.extract.layer + 1, lengths)
     card_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}), adapter_dir).eval()
-    card_idx = np.random.default_rng(1).choice(len(prompts), size=min(args.card_rows, len(prompts)), replace=False)
+    # The card's code is slow, so it runs on a subset: every k-th row in length order, so that the
+    # subset has the same length mix as the whole set and rows/s compare like with like.
+    by_length = np.argsort(lengths, kind="stable")
+    card_idx = by_length[np.linspace(0, len(prompts) - 1, min(args.card_rows, len(prompts))).round().astype(int)]
     card_s = card_extract(card_model, tokenizer, [prompts[i] for i in card_idx], cfg.extract.layer, device)
     card_tokens = sum(lengths[i] for i in card_idx)
     report["extract"] = {
@@ -327,7 +330,8 @@ def render(r: dict, device, command: str) -> str:
         f"{r['args']['dtype']}; random LoRA r 32 (merged by the pipeline, unmerged PeftModel for the card's code).",
         f"- Matmul ceiling (4096² or 8192² in {r['args']['dtype']}, timed here): {ceil / 1e9:,.1f} GFLOP/s",
         f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
-        f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens; the card's code timed on {e['card_rows']} of them.",
+        f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens; the card's code timed on {e['card_rows']} of them, "
+        "spread evenly over the length order.",
         f"- Verbalize: {v['rows']} vectors, max_new_tokens {r['args']['max_new_tokens']}, prompt {v['prompt_tokens']} tokens "
         f"(shared prefix {v['prefix_tokens']}); rows stop at varied lengths (EOS row of the LM head scaled by "
         f"{r['args']['eos_scale']}): generated p10/p50/p90 = {'/'.join(map(str, v['generated_p10_p50_p90']))}, "
@@ -356,6 +360,9 @@ def write_report(path: Path, section: str, device) -> None:
     kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA"
     parts = re.split(r"(?m)^(?=## )", old)
     kept = [p for p in parts[1:] if not p.startswith(kind)]
+    if not any(p.startswith("## CUDA") for p in kept + [section]):
+        kept.append("## CUDA\n\nNo GPU figure has been measured yet (none was available to the sessions so far). "
+                    "On a GPU run:\n`python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda`\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(parts[0].rstrip() + "\n\n" + "\n".join([section] + [p.rstrip() + "\n" for p in kept]), encoding="utf-8")
 

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 
-
 def test_injection_char_is_one_token(tokenizer):
     assert tokenizer.encode("㈎", add_special_tokens=False) == [149705]
 

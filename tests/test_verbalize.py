@@ -5,11 +5,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.cli import main
 from tests.card_reference import N_VECTORS, card_generate, card_text
 from tests.conftest import TINY_CONFIG, tiny_overrides
+
 
 def write_activation_dir(root, vectors: np.ndarray, ids=None, chunk_rows: int = 17):
     """An extract-style directory written with plain pyarrow: shard dir, chunk files, marker."""
