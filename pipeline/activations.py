@@ -2,7 +2,7 @@
 
     from pipeline.activations import write_activations, read_activations
     write_activations(path, ids, vectors, n_tokens, metadata={"layer": "20"})
-    ids, vectors, n_tokens, metadata = read_activations(path)     # vectors: np.float32 [N, d_model]
+    ids, vectors, n_tokens, metadata, row_errors = read_activations(path)   # vectors: np.float32 [N, d_model]
 
 Columns: ``id`` (string), ``activation`` (fixed_size_list<float32|float16>[d_model]), ``n_tokens``
 (int32). The stream format is what ``datasets.Dataset.from_file`` memory-maps, and pyarrow reads
@@ -43,8 +43,13 @@ def write_activations(path, ids: list[str], vectors: np.ndarray, n_tokens: list[
         writer.write_table(table)
 
 
-def read_activations(path) -> tuple[list[str], np.ndarray, list[int], dict]:
-    """(ids, vectors [N, d_model] float32, n_tokens, metadata) of one activation file."""
+def read_activations(path, width: int | None = None) -> tuple[list[str], np.ndarray, list[int], dict, dict[int, str]]:
+    """(ids, vectors [N, d_model] float32, n_tokens, metadata, row_errors) of one activation file.
+
+    Files from ``extract`` hold a fixed-size list column. A variable-size list (from another tool) is
+    read too when ``width`` is given: rows of another length get a zero vector and an entry in
+    ``row_errors`` ({row: message}), so the caller can skip them without losing the file.
+    """
     try:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
@@ -54,14 +59,23 @@ def read_activations(path) -> tuple[list[str], np.ndarray, list[int], dict]:
     if missing:
         raise PipelineError(f"{path}: activation file lacks column(s) {sorted(missing)}")
     act_type = table.schema.field("activation").type
-    if not pa.types.is_fixed_size_list(act_type):
+    column = table.column("activation").combine_chunks()
+    errors: dict[int, str] = {}
+    if pa.types.is_fixed_size_list(act_type):
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        vectors = flat.astype(np.float32, copy=False).reshape(-1, act_type.list_size)
+    elif (pa.types.is_list(act_type) or pa.types.is_large_list(act_type)) and width is not None:
+        vectors = np.zeros((len(column), width), dtype=np.float32)
+        for i, row in enumerate(column.to_pylist()):
+            if row is None or len(row) != width:
+                errors[i] = f"activation has width {0 if row is None else len(row)}, the model's d_model is {width}"
+            else:
+                vectors[i] = row
+    else:
         raise PipelineError(f"{path}: column 'activation' is {act_type}, expected a fixed-size list of floats")
-    width = act_type.list_size
-    flat = table.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    vectors = flat.astype(np.float32, copy=False).reshape(-1, width)
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     n_tokens = table.column("n_tokens").to_pylist() if "n_tokens" in table.column_names else [0] * len(vectors)
-    return table.column("id").to_pylist(), vectors, n_tokens, meta
+    return table.column("id").to_pylist(), vectors, n_tokens, meta, errors
 
 
 def dumps(obj) -> str:

@@ -10,6 +10,7 @@ it, so memory stays bounded whatever the shard's size.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -108,8 +109,16 @@ def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
         offset += n
     if not groups:
         return pf.schema_arrow.empty_table().select(columns)
-    table = pf.read_row_groups(groups, columns=columns)
-    return table.slice(start - first_row, stop - start)
+    key = (path, os.stat(path).st_mtime_ns, tuple(groups), tuple(columns))
+    return _row_groups(*key).slice(start - first_row, stop - start)
+
+
+@functools.lru_cache(maxsize=2)
+def _row_groups(path: str, mtime_ns: int, groups: tuple[int, ...], columns: tuple[str, ...]) -> pa.Table:
+    """Row groups are often far larger than a chunk (pyarrow's default is 1M rows); each process
+    reads its chunks in order, so keeping the last groups read means each is decoded once, not once
+    per chunk. Memory: at most two row groups of the prompt and id columns."""
+    return _open(path).read_row_groups(list(groups), columns=list(columns))
 
 
 def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list[str]]:

@@ -106,7 +106,8 @@ class VerbalizeStage:
             with pa.memory_map(str(path)) as src:
                 reader = pa.ipc.open_stream(src)
                 act = reader.schema.field("activation").type if "activation" in reader.schema.names else None
-                self._check_width(path, getattr(act, "list_size", None))
+                if act is None or not (pa.types.is_list(act) or pa.types.is_large_list(act)):  # lists: per row
+                    self._check_width(path, getattr(act, "list_size", None))
                 rows = reader.read_all().num_rows
             units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
         incomplete = sorted({u.shard for u in units if not self.inp.shard_complete(u.shard)})
@@ -172,10 +173,10 @@ class VerbalizeStage:
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
 
     def process(self, unit: Unit, progress=None) -> dict:
-        ids, vectors, _, _ = read_activations(unit.source)
+        ids, vectors, _, _, width_errors = read_activations(unit.source, width=self.d_model)
         self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
-        errors = [vector_problem(v) for v in vectors]
+        errors = [width_errors.get(i) or vector_problem(v) for i, v in enumerate(vectors)]
         good = [i for i, e in enumerate(errors) if e is None]
         results = dict(zip(good, self._explain(vectors[good], progress)))
         for i, e in enumerate(errors):

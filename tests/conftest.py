@@ -13,13 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# huggingface_hub reads HF_HUB_OFFLINE when it is first imported (during collection), so set it here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("nla-cache")
-    old = {k: os.environ.get(k) for k in ("NLA_PIPELINE_CACHE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    os.environ.update(NLA_PIPELINE_CACHE=str(cache), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    old = {"NLA_PIPELINE_CACHE": os.environ.get("NLA_PIPELINE_CACHE")}
+    os.environ["NLA_PIPELINE_CACHE"] = str(cache)
     yield cache
     for k, v in old.items():
         if v is None:

@@ -46,7 +46,7 @@ def read_output(out_dir):
 
     ids, vecs, ntok = [], [], []
     for path in StageDir(out_dir, ".arrow").chunk_files():
-        i, v, n, meta = read_activations(path)
+        i, v, n, meta, _ = read_activations(path)
         ids += i
         vecs.append(v)
         ntok += n

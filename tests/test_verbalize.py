@@ -124,3 +124,18 @@ def test_bad_vectors_are_reported_and_skipped(tmp_path, vectors, reference, toke
     for i in (0, 2, 5):
         assert rows[i]["error"] is None and rows[i]["explanation"] == card_text(tokenizer, reference[i])
     assert "3 bad vector(s)" in capsys.readouterr().out
+
+
+def test_row_of_the_wrong_width_in_a_list_column_is_skipped(tmp_path, vectors):
+    """Activation files from other tools may use a variable-size list: a short row is an error row."""
+    rows = [vectors[0].tolist(), vectors[1].tolist()[:10], vectors[2].tolist()]
+    shard = tmp_path / "acts" / "00000-other"
+    shard.mkdir(parents=True)
+    table = pa.table({"id": ["a", "b", "c"], "activation": pa.array(rows, pa.list_(pa.float32()))})
+    with pa.OSFile(str(shard / "chunk_00000.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    assert run_verbalize(tmp_path, tmp_path / "acts", "generation.max_new_tokens=4") == 0
+    out, _ = read_explanations(tmp_path / "verbalize")
+    assert [r["id"] for r in out] == ["a", "b", "c"]
+    assert "width 10" in out[1]["error"] and out[1]["explanation"] == "" and not out[1]["finished"]
+    assert out[0]["error"] is None and out[2]["error"] is None and out[0]["n_generated"] > 0
