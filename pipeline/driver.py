@@ -7,8 +7,10 @@
 A stage object supplies ``out`` (a StageDir), ``plan()`` (every Unit, in input order),
 ``settings()`` (what changes its outputs), ``shard_ready(name)`` (may the shard be marked complete once
 all its chunks exist), ``setup()`` (load models; called only if there is work)
-and ``process(unit, progress)`` (write one chunk atomically, return its stats; ``progress(n)``, when
-given, is called as rows finish). The driver owns the rest.
+and ``process(unit, progress, prepared)`` (write one chunk atomically, return its stats;
+``progress(n)``, when given, is called as rows finish). A stage may also offer ``prepare(unit)``
+(read and tokenize), which the driver runs one unit ahead in a background thread. The driver owns
+the rest.
 
 Work split: rank r takes ``pending[r::world_size]``, where ``pending`` is the units without a final
 file. Every rank computes the same list from the same directory listing at start-up (after a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
@@ -93,8 +96,8 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
     with bar:
         # A lone process can also tick the bar inside a chunk (verbalize chunks take minutes).
         tick = (lambda n: bar.update(n)) if rt.world_size == 1 else None
-        for unit in mine:
-            stats = stage.process(unit, progress=tick)
+        for unit, prepared in _prefetched(stage, mine):
+            stats = stage.process(unit, progress=tick, prepared=prepared)
             result.rows += unit.num_rows
             result.chunks += 1
             for k, v in stats.items():
@@ -115,6 +118,21 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
         log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
                  result.rows, result.chunks, result.seconds, result.rows_per_s)
     return result
+
+
+def _prefetched(stage, units: list[Unit]):
+    """Yield (unit, prepared input). A stage with ``prepare(unit)`` (reading, tokenizing) gets the next
+    unit's input prepared in a background thread while the current one computes on the device."""
+    prepare = getattr(stage, "prepare", None)
+    if prepare is None:
+        yield from ((u, None) for u in units)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        ahead = pool.submit(prepare, units[0]) if units else None
+        for i, unit in enumerate(units):
+            prepared = ahead.result()  # re-raises the reader's error (a bad row) here, in order
+            ahead = pool.submit(prepare, units[i + 1]) if i + 1 < len(units) else None
+            yield unit, prepared
 
 
 def _pending(stage, units: list[Unit]) -> list[Unit]:

@@ -143,9 +143,13 @@ class ExtractStage:
     def _num_layers(self) -> int:
         return load_model_config(self.cfg).num_hidden_layers
 
-    def process(self, unit: Unit, progress=None) -> dict:
+    def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:
+        """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward)."""
         ids, prompts = read_prompts(unit.source, self.cfg.data)
-        token_ids = render_and_tokenize(self.tokenizer, prompts)
+        return ids, render_and_tokenize(self.tokenizer, prompts)
+
+    def process(self, unit: Unit, progress=None, prepared=None) -> dict:
+        ids, token_ids = prepared if prepared is not None else self.prepare(unit)
         vectors, stats = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
                                          self.tokenizer.pad_token_id)
         pad = 1 - stats["tokens"] / max(stats["computed_tokens"], 1)

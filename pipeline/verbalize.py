@@ -172,7 +172,7 @@ class VerbalizeStage:
         return [r for s in range(0, len(vectors), bs)
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
 
-    def process(self, unit: Unit, progress=None) -> dict:
+    def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         ids, vectors, _, _, width_errors = read_activations(unit.source, width=self.d_model)
         self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
