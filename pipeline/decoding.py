@@ -188,8 +188,8 @@ class Decoder:
             score = logits.gather(1, ids)
             logits.scatter_(1, ids, torch.where(score < 0, score * self.penalty, score / self.penalty))
         if self.gcfg.do_sample:
-            ids = torch.tensor([h for h in history], dtype=torch.long, device=logits.device).reshape(len(history), -1)
-            logits = self.warpers(ids, logits)
+            # Temperature/top-k/top-p read only the scores; their input_ids argument is unused.
+            logits = self.warpers(torch.empty(len(history), 0, dtype=torch.long, device=logits.device), logits)
             return torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1).tolist()
         return logits.argmax(dim=-1).tolist()
 

@@ -139,3 +139,14 @@ def test_growable_layer_behaves_like_dynamic_layer():
     assert grow.get_seq_length() == ref.get_seq_length() == 76
     torch.testing.assert_close(grow.keys, ref.keys)
     torch.testing.assert_close(grow.values, ref.values)
+
+
+def test_sampling_runs_and_respects_the_cap(merged, tokenizer, cfg, vectors):
+    import copy
+
+    gcfg = copy.deepcopy(cfg.generation)
+    gcfg.do_sample, gcfg.max_new_tokens = True, 6
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    torch.manual_seed(0)
+    rows = Decoder(merged, tokenizer, prompt, gcfg, cfg.verbalizer, max_rows=3).run(vectors[:5])
+    assert len(rows) == 5 and all(1 <= n <= 6 and len(toks) == n for toks, _, n in rows)
