@@ -125,3 +125,19 @@ def test_template_needs_exactly_one_injection_token(tmp_path, acts, capsys, temp
 def test_neighbour_check(tmp_path, acts, capsys):
     argv = verbalize_argv(tmp_path, acts, **{"verbalizer.neighbor_token_ids": "[1, 2]"})
     expect_error(capsys, argv, "neighbor_token_ids", "[29, 522]")
+
+
+def test_layer_outside_the_model(tmp_path, capsys):
+    expect_error(capsys, extract_argv(tmp_path, "[]", **{"extract.layer": 40}), "extract.layer=40", "28 layers")
+    assert not final_files(tmp_path / "extract")
+
+
+def test_injection_char_that_is_not_one_token(tmp_path, acts, capsys):
+    argv = verbalize_argv(tmp_path, acts, **{"verbalizer.injection_char": "㈎㈎"})
+    expect_error(capsys, argv, "verbalizer.injection_char", "2 tokens")
+
+
+def test_config_inherit_loop(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
+    expect_error(capsys, ["status", "--config", str(tmp_path / "a.yaml")], "loops back")
