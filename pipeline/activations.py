@@ -10,8 +10,6 @@ it with ``pa.ipc.open_stream``.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pyarrow as pa
 
@@ -76,7 +74,3 @@ def read_activations(path, width: int | None = None) -> tuple[list[str], np.ndar
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     n_tokens = table.column("n_tokens").to_pylist() if "n_tokens" in table.column_names else [0] * len(vectors)
     return table.column("id").to_pylist(), vectors, n_tokens, meta, errors
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False)

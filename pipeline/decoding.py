@@ -52,7 +52,7 @@ class _Batch:
 
 class Decoder:
     def __init__(self, model, tokenizer, prompt, gcfg, vcfg, max_rows: int, refill_fraction: float = 0.125):
-        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.tokenizer = tokenizer
         self.gcfg, self.vcfg = gcfg, vcfg
         self.max_rows = max_rows
         self.refill_at = max(1, int(max_rows * refill_fraction))

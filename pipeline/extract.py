@@ -81,8 +81,7 @@ def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pa
     out = torch.empty(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
     for batch in batches:
         out[torch.tensor(batch)] = _forward_halving(trunk, [token_ids[i] for i in batch], pad_id)
-    stats = {"tokens": sum(lengths), "computed_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches),
-             "batches": len(batches)}
+    stats = {"tokens": sum(lengths), "computed_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches)}
     return out, stats
 
 
@@ -133,15 +132,12 @@ class ExtractStage:
             "nla_pipeline_version": __version__,
             "base_model": self.cfg.model.base,
             "layer": self.cfg.extract.layer,
-            "num_layers": self._num_layers(),
+            "num_layers": load_model_config(self.cfg).num_hidden_layers,
             "dtype": self.dtype,
             "prompt_rendering": PROMPT_RENDERING,
             "with_adapter": self.cfg.extract.with_adapter,
             "fingerprint": fingerprint(self.settings()),
         }
-
-    def _num_layers(self) -> int:
-        return load_model_config(self.cfg).num_hidden_layers
 
     def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:
         """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward)."""

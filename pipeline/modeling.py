@@ -11,7 +11,6 @@ model (``builtin:tiny``) exercises the real code path. Load failures become one-
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -172,7 +171,3 @@ def model_identity(source: str) -> str:
 
         return f"{source}#{hashlib.sha256(config.read_bytes()).hexdigest()[:12]}"
     return source
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -35,3 +35,16 @@ def test_tiny_model_shape(tiny_model_dir):
                 "eos_token_id": [151645, 151643], "pad_token_id": 151643}
     for key, value in expected.items():
         assert gen[key] == value, key
+
+
+def test_an_interrupted_build_is_reported_not_loaded(tmp_path):
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.tiny import build_tiny_model
+
+    half = tmp_path / "tiny"
+    half.mkdir()
+    (half / "tokenizer.json").write_text("{}")  # a directory left without its config
+    with pytest.raises(PipelineError, match="incomplete"):
+        build_tiny_model(half)
