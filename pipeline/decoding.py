@@ -23,14 +23,13 @@ not ``inputs_embeds``. Here:
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import deque
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from pipeline.kvcache import growable_cache
+from pipeline.prefix import SharedPrefix
 from pipeline.verbalizer import normalize_to
 
 log = logging.getLogger(__name__)
@@ -67,8 +66,6 @@ class Decoder:
         # logits = lm_head(hidden), true of Qwen2 and the Llama family.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.body, self.head = base.get_decoder(), base.get_output_embeddings()
-        # transformers renamed `past_key_values` to `cache` (5.2x); pass whichever this version takes.
-        self.cache_kw = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
         self.device = self.embed.weight.device
         self.penalty = gcfg.repetition_penalty
         self.warpers = LogitsProcessorList([
@@ -77,17 +74,9 @@ class Decoder:
         ids = torch.tensor([prompt.token_ids], device=self.device)
         with torch.inference_mode():
             embeds = self.embed(ids)  # [1, prompt_len, d_model]
-            self.prefix_len = prompt.inject_pos
             self.suffix_embeds = embeds[0, prompt.inject_pos:]  # [suffix_len, d_model]
-            self.prefix_kv = self._prefix_kv(embeds[:, : prompt.inject_pos])
-
-    def _prefix_kv(self, prefix_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (keys, values) [1, kv_heads, prefix_len, head_dim] of the shared prefix, computed once."""
-        if prefix_embeds.shape[1] == 0:
-            return []
-        cache = growable_cache()  # filled in place by the forward pass
-        self.body(inputs_embeds=prefix_embeds, use_cache=True, **{self.cache_kw: cache})
-        return [(layer.keys, layer.values) for layer in cache.layers]
+            self.prefix = SharedPrefix(self.body, inputs_embeds=embeds[:, : prompt.inject_pos])
+        self.prefix_len = self.prefix.length
 
     # --- public -------------------------------------------------------------------------------------
 
@@ -123,15 +112,13 @@ class Decoder:
         n = len(rows)
         embeds = self.suffix_embeds.unsqueeze(0).repeat(n, 1, 1)  # [n, suffix_len, d_model]
         embeds[:, 0] = normalize_to(vectors[rows].to(self.device), self.vcfg.injection_norm).to(embeds.dtype)
-        cache = growable_cache()
-        for i, (k, v) in enumerate(self.prefix_kv):
-            cache.update(k.expand(n, -1, -1, -1).contiguous(), v.expand(n, -1, -1, -1).contiguous(), i)
+        cache = self.prefix.cache(n)
         suffix_len = embeds.shape[1]
         total = self.prefix_len + suffix_len
         positions = torch.arange(self.prefix_len, total, device=self.device).expand(n, -1)
-        hidden = self.body(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+        hidden = self.body(inputs_embeds=embeds, position_ids=positions,
                            attention_mask=torch.ones(n, total, dtype=torch.long, device=self.device),
-                           **{self.cache_kw: cache}).last_hidden_state
+                           **self.prefix.kw(cache)).last_hidden_state
         first = self._choose(self.head(hidden[:, -1]).float(), [[] for _ in rows])
         new = _Batch(cache, torch.ones(n, total, dtype=torch.long, device=self.device))
         new.rows, new.tokens, new.positions = list(rows), [[t] for t in first], [total] * n
@@ -158,8 +145,8 @@ class Decoder:
         mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
         positions = torch.tensor(batch.positions, device=self.device).unsqueeze(1)
         try:
-            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                               **{self.cache_kw: batch.cache}).last_hidden_state
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                               **self.prefix.kw(batch.cache)).last_hidden_state
         except OOM_ERRORS:
             for layer in batch.cache.layers:  # layers that already appended this step's keys give them back
                 extra = layer.get_seq_length() - before

@@ -24,6 +24,7 @@ from pipeline.config import fingerprint
 from pipeline.driver import Unit
 from pipeline.layout import StageDir
 from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
+from pipeline.prefix import SharedPrefix
 from pipeline.shards import plan_chunks, read_prompts, resolve_shards
 
 log = logging.getLogger(__name__)
@@ -40,28 +41,46 @@ def render_and_tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
     return tokenizer(texts)["input_ids"]
 
 
-def _forward_last(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Tensor:
-    """One right-padded batch -> each row's vector at its last real token, float32 [rows, d_model] on CPU."""
+def chat_prefix_ids(tokenizer) -> list[int]:
+    """The tokens every rendered prompt starts with: the template's text before the user's content
+    (system block and user header). Empty when the template does not show the content verbatim."""
+    sentinel = "\ue000"  # a private-use character no template adds
+    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text.split(sentinel)[0])["input_ids"] if sentinel in text else []
+
+
+def _forward_last(trunk, token_ids: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
+    """One right-padded batch -> each row's vector at its last real token, float32 [rows, d_model] on CPU.
+
+    With ``prefix``, ``token_ids`` are the rows' suffixes after it: the prefix's cached keys and
+    values stand in for its tokens, and the suffix tokens take positions from ``prefix.length`` on.
+    """
     device = next(trunk.parameters()).device
     lengths = [len(t) for t in token_ids]
-    width = max(lengths)
-    ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, t in enumerate(token_ids):  # right padding: real tokens keep positions 0..len-1
+    rows, width = len(token_ids), max(lengths)
+    ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for row, t in enumerate(token_ids):  # right padding: real tokens keep the positions they have alone
         ids[row, : len(t)] = torch.tensor(t)
         mask[row, : len(t)] = 1
+    kwargs = {"use_cache": False}
+    if prefix is not None and prefix.length:
+        mask = torch.cat([torch.ones(rows, prefix.length, dtype=torch.long), mask], dim=1)
+        kwargs = {"position_ids": torch.arange(prefix.length, prefix.length + width, device=device).expand(rows, -1),
+                  **prefix.kw(prefix.cache(rows))}
     if device.type == "cuda":  # pinned host memory makes the copies below asynchronous
         ids, mask = ids.pin_memory(), mask.pin_memory()
     hidden = trunk(input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True),
-                   use_cache=False).last_hidden_state  # [rows, width, d_model]
+                   **kwargs).last_hidden_state  # [rows, width, d_model]
     last = torch.tensor(lengths, device=device) - 1
-    return hidden[torch.arange(len(token_ids), device=device), last].float().cpu()
+    return hidden[torch.arange(rows, device=device), last].float().cpu()
 
 
-def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
     """Like _forward_last, but a batch that runs out of memory is split in two and retried."""
     try:
-        return _forward_last(trunk, token_ids, pad_id)
+        return _forward_last(trunk, token_ids, pad_id, prefix)
     except torch.OutOfMemoryError:
         if len(token_ids) == 1:
             raise
@@ -69,20 +88,40 @@ def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int) -> torch.Te
             torch.cuda.empty_cache()
         half = len(token_ids) // 2
         log.warning("out of memory on a batch of %d rows; splitting it in two", len(token_ids))
-        return torch.cat([_forward_halving(trunk, token_ids[:half], pad_id),
-                          _forward_halving(trunk, token_ids[half:], pad_id)])
+        return torch.cat([_forward_halving(trunk, token_ids[:half], pad_id, prefix),
+                          _forward_halving(trunk, token_ids[half:], pad_id, prefix)])
 
 
 @torch.inference_mode()
-def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int):
-    """Layer output at each row's last real token: float32 [rows, d_model] in input order, plus stats."""
-    lengths = [len(t) for t in token_ids]
-    batches = token_budget_batches(lengths, max_batch_tokens)
+def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int,
+                    prefix: SharedPrefix | None = None, prefix_ids: list[int] | None = None):
+    """Layer output at each row's last real token: float32 [rows, d_model] in input order, plus stats.
+
+    Rows that start with ``prefix_ids`` (whose cache is ``prefix``) and go past it are run as
+    suffixes on top of the cached prefix; the others (a template that tokenizes differently at the
+    seam, say) are run whole. Stats: ``tokens`` real tokens, ``reused_tokens`` prefix tokens not
+    recomputed, ``computed_tokens`` tokens fed to the model including padding.
+    """
+    plen = prefix.length if prefix is not None and prefix_ids else 0
+    shared = [plen > 0 and len(t) > plen and t[:plen] == prefix_ids for t in token_ids]
+    fed = [t[plen:] if s else t for t, s in zip(token_ids, shared)]
+    lengths = [len(t) for t in fed]
     out = torch.empty(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
-    for batch in batches:
-        out[torch.tensor(batch)] = _forward_halving(trunk, [token_ids[i] for i in batch], pad_id)
-    stats = {"tokens": sum(lengths), "computed_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches)}
+    computed = 0
+    for group, group_prefix in ((True, prefix), (False, None)):
+        rows = [i for i, s in enumerate(shared) if s == group]
+        for batch in token_budget_batches([lengths[i] for i in rows], max_batch_tokens):
+            batch = [rows[i] for i in batch]
+            out[torch.tensor(batch)] = _forward_halving(trunk, [fed[i] for i in batch], pad_id, group_prefix)
+            computed += len(batch) * max(lengths[i] for i in batch)
+    stats = {"tokens": sum(len(t) for t in token_ids), "reused_tokens": plen * sum(shared), "computed_tokens": computed}
     return out, stats
+
+
+def padding_fraction(stats: dict) -> float:
+    """Share of the tokens fed to the model that were padding (reused prefix tokens are not fed)."""
+    fed = stats["tokens"] - stats.get("reused_tokens", 0)
+    return 1 - fed / stats["computed_tokens"] if stats.get("computed_tokens") else 0.0
 
 
 class ExtractStage:
@@ -128,6 +167,10 @@ class ExtractStage:
     def setup(self) -> None:
         if self.trunk is None:
             self.trunk = load_extract_model(self.cfg, self.rt.device)
+        self.tokenizer = self.tokenizer or load_tokenizer(self.cfg)
+        # Keys and values of the template's opening (system block + user header), once per model load.
+        self.prefix_ids = chat_prefix_ids(self.tokenizer)
+        self.prefix = SharedPrefix(self.trunk, input_ids=self.prefix_ids)
         self.metadata = {
             "nla_pipeline_version": __version__,
             "base_model": self.cfg.model.base,
@@ -147,12 +190,11 @@ class ExtractStage:
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         ids, token_ids = prepared if prepared is not None else self.prepare(unit)
         vectors, stats = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
-                                         self.tokenizer.pad_token_id)
-        pad = 1 - stats["tokens"] / max(stats["computed_tokens"], 1)
-        log.info("extract %s chunk %d: %d rows, %d tokens, padding %.1f%%", unit.shard, unit.index,
-                 len(ids), stats["tokens"], 100 * pad)
+                                         self.tokenizer.pad_token_id, self.prefix, self.prefix_ids)
+        log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
+                 unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
         path = self.out.chunk_path(unit.shard, unit.index)
         self.out.write_atomic(path, lambda tmp: write_activations(
             tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype))
-        return {"tokens": stats["tokens"], "computed_tokens": stats["computed_tokens"]}
+        return stats
 

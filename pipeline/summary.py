@@ -35,7 +35,9 @@ def print_summary(results, world_size: int = 1) -> None:
         if r.skipped_chunks:
             line += f" ({r.skipped_chunks} chunk(s) already done)"
         if r.stats.get("computed_tokens"):
-            line += f", padding {100 * (1 - r.stats['tokens'] / r.stats['computed_tokens']):.1f}%"
+            from pipeline.extract import padding_fraction
+
+            line += f", padding {100 * padding_fraction(r.stats):.1f}%"
         if r.stats.get("bad_rows"):
             line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
         lines.append(line + f"\n  output: {r.out_dir} ({r.rows_in_output}/{r.rows_planned} rows finished)")

@@ -16,7 +16,8 @@ Everything happens in one process, on one machine, with the same prompts:
    dtype (the ceiling).
 
 Useful FLOPs count only what the result needs: extract, layers 0..20 over real tokens (linear layers
-plus causal attention); verbalize, the per-row suffix from the injection token on and every generated
+plus causal attention), with the chat template's opening that every prompt shares (system block and
+user header, 24 tokens) counted once, since its keys and values do not depend on the rest; verbalize, the per-row suffix from the injection token on and every generated
 token through all layers and the LM head (the shared prefix is computed once and not counted).
 Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> is scaled by
 ``--eos-scale`` (see pipeline.tiny.build_tiny_model); rows then stop at varied lengths, like real
@@ -121,9 +122,14 @@ def attention_flops(c, query_positions: list[int]) -> float:
     return 4 * c.hidden_size * float(sum(p + 1 for p in query_positions))
 
 
-def extract_flops(c, layers: int, lengths: list[int]) -> float:
+def extract_flops(c, layers: int, lengths: list[int], prefix: int = 0) -> float:
+    """Rows longer than the shared ``prefix`` need only their positions from ``prefix`` on."""
     per_token = 2 * linear_params_per_layer(c) * layers
-    return sum(per_token * n + layers * attention_flops(c, list(range(n))) for n in lengths)
+
+    def flops(positions: range) -> float:
+        return per_token * len(positions) + layers * attention_flops(c, list(positions))
+
+    return flops(range(prefix)) + sum(flops(range(prefix if n > prefix else 0, n)) for n in lengths)
 
 
 def verbalize_flops(c, prefix: int, suffix: int, generated: list[int]) -> float:
@@ -219,7 +225,7 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.extract import ExtractStage
+    from pipeline.extract import ExtractStage, chat_prefix_ids, padding_fraction
     from pipeline.runtime import Runtime
     from pipeline.verbalize import VerbalizeStage
 
@@ -248,7 +254,8 @@ def main(argv=None) -> int:
     result, stage, mem = pipeline_stage(ExtractStage, cfg, rt, device)
     lengths = [len(t) for t in tokenizer.apply_chat_template(
         [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)["input_ids"]]
-    useful = extract_flops(mcfg, cfg.extract.layer + 1, lengths)
+    prefix = len(chat_prefix_ids(tokenizer))  # every bench prompt starts with a letter: all rows share it
+    useful = extract_flops(mcfg, cfg.extract.layer + 1, lengths, prefix)
     card_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device}), adapter_dir).eval()
     # The card's code is slow, so it runs on a subset: every k-th row in length order, so that the
@@ -259,7 +266,8 @@ def main(argv=None) -> int:
     card_tokens = sum(lengths[i] for i in card_idx)
     report["extract"] = {
         "rows": result.rows, "seconds": result.seconds, "tokens": result.stats["tokens"],
-        "computed_tokens": result.stats["computed_tokens"], "useful_flops": useful, "peak_mem_gib": mem,
+        "computed_tokens": result.stats["computed_tokens"], "padding": padding_fraction(result.stats),
+        "prefix_tokens": prefix, "useful_flops": useful, "peak_mem_gib": mem,
         "card_rows": len(card_idx), "card_seconds": card_s, "card_tokens": card_tokens,
         "tokens_p50_p90_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 90)), max(lengths)],
     }
@@ -318,7 +326,7 @@ def render(r: dict, device, command: str) -> str:
     e_tok = (e["tokens"] / e["seconds"]) / (e["card_tokens"] / e["card_seconds"])
     v_tok = (v["generated_tokens"] / v["seconds"]) / (v["card_generated_tokens"] / v["card_seconds"])
     e_util, v_util = e["useful_flops"] / e["seconds"] / ceil, v["useful_flops"] / v["seconds"] / ceil
-    pad = 1 - e["tokens"] / e["computed_tokens"]
+    pad = e["padding"]
     s = r["shape"]
     lines = [
         f"## {device.type.upper()}: {machine(device)}",
@@ -330,7 +338,8 @@ def render(r: dict, device, command: str) -> str:
         f"{r['args']['dtype']}; random LoRA r 32 (merged by the pipeline, unmerged PeftModel for the card's code).",
         f"- Matmul ceiling (4096² or 8192² in {r['args']['dtype']}, timed here): {ceil / 1e9:,.1f} GFLOP/s",
         f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
-        f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens; the card's code timed on {e['card_rows']} of them, "
+        f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens, of which the first {e['prefix_tokens']} (system block and "
+        f"user header) are the same in every row; the card's code timed on {e['card_rows']} of them, "
         "spread evenly over the length order.",
         f"- Verbalize: {v['rows']} vectors, max_new_tokens {r['args']['max_new_tokens']}, prompt {v['prompt_tokens']} tokens "
         f"(shared prefix {v['prefix_tokens']}); rows stop at varied lengths (EOS row of the LM head scaled by "

@@ -18,6 +18,7 @@ PROMPTS = [
     "Write a Python hello world program",  # duplicate: two rows, two outputs
     "What is 17 * 23?",
     "a",
+    "\n\nLeading blank lines merge with the template's newline, so this row cannot reuse the cached prefix.",
 ]
 
 
@@ -114,3 +115,33 @@ def test_rerun_skips_finished_chunks(tmp_path, capsys):
     run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'c.parquet'}]"})
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "extract").glob("*/chunk_*.arrow")} == first
     assert "3 chunk(s) already done" in capsys.readouterr().out
+
+
+def test_template_prefix_is_computed_once_and_a_seam_mismatch_runs_whole(peft_model, tokenizer):
+    """The system block + user header is cached once; a row whose tokens differ at the seam runs whole."""
+    from pipeline.config import load_config
+    from pipeline.extract import chat_prefix_ids, extract_vectors, render_and_tokenize
+    from pipeline.modeling import load_extract_model
+    from pipeline.prefix import SharedPrefix
+
+    cfg = load_config(TINY_CONFIG, [])
+    trunk = load_extract_model(cfg, torch.device("cpu"))
+    prefix_ids = chat_prefix_ids(tokenizer)
+    assert tokenizer.decode(prefix_ids).endswith("<|im_start|>user\n")
+    prompts = [PROMPTS[-1], "short", PROMPTS[2], "", PROMPTS[1]]  # the first one's tokens differ at the seam
+    ids = render_and_tokenize(tokenizer, prompts)
+    prefix = SharedPrefix(trunk, input_ids=prefix_ids)
+    rows = []
+    for layer in trunk.layers:  # count what the model is fed
+        layer.register_forward_pre_hook(lambda mod, args, kw: rows.append((args or [kw["hidden_states"]])[0].shape[:2]), with_kwargs=True)
+    got, stats = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id,
+                                 prefix=prefix, prefix_ids=prefix_ids)
+    assert stats["reused_tokens"] == len(prefix_ids) * 4
+    widths = {n for _, n in rows}
+    assert len(ids[0]) in widths  # the mismatched row, whole
+    assert max(len(t) for t in ids[1:]) not in widths  # the longest shared row, as its suffix only
+    assert max(len(t) for t in ids[1:]) - len(prefix_ids) in widths
+    with peft_model.disable_adapter():
+        for i, p in enumerate(prompts):
+            ref = card_activation(peft_model, tokenizer, p)
+            assert (got[i] - ref).abs().max() / ref.norm() < 1e-5, (i, p[:30])

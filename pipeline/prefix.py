@@ -1,0 +1,52 @@
+"""The KV cache of a prefix that every row starts with, computed once and copied into each batch.
+
+    from pipeline.prefix import SharedPrefix
+    prefix = SharedPrefix(body, input_ids=[151644, 8948, ...])        # or inputs_embeds=[1, P, d_model]
+    cache = prefix.cache(rows=32)          # a fresh cache holding the prefix for 32 rows
+    hidden = body(input_ids=suffixes, position_ids=prefix.length + arange(S), attention_mask=..., **prefix.kw(cache))
+
+Both stages feed many rows that open with the same tokens: every extract prompt is rendered with
+the same system block and user header (24 tokens with Qwen2.5's template), and every verbalizer
+prompt is identical up to the injection token (106 tokens). With causal attention the keys and
+values of those positions do not depend on what follows, so they are computed once per model load
+and only each row's own suffix goes through the model. transformers has prefix caching only inside
+its continuous-batching server (token ids, no ``inputs_embeds``), so this small piece is ours.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from pipeline.kvcache import growable_cache
+
+
+def cache_kwarg(body) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); the name this version takes."""
+    return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
+
+
+class SharedPrefix:
+    def __init__(self, body, input_ids: list[int] | None = None, inputs_embeds: torch.Tensor | None = None):
+        self.body = body
+        self.cache_kw = cache_kwarg(body)
+        device = next(body.parameters()).device
+        if inputs_embeds is None:
+            inputs_embeds = body.get_input_embeddings()(torch.tensor([input_ids or []], dtype=torch.long, device=device))
+        self.length = inputs_embeds.shape[1]
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.length:
+            cache = growable_cache()
+            with torch.inference_mode():
+                self.body(inputs_embeds=inputs_embeds, use_cache=True, **{self.cache_kw: cache})
+            self.kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+    def kw(self, cache) -> dict:
+        return {self.cache_kw: cache, "use_cache": True}
+
+    def cache(self, rows: int):
+        """A new growable cache whose every row holds the prefix's keys and values."""
+        cache = growable_cache()
+        for i, (k, v) in enumerate(self.kv):
+            cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
+        return cache
