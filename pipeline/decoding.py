@@ -9,8 +9,10 @@ ends and recomputes the prompt for every row, and its continuous-batching API ta
 not ``inputs_embeds``. Here:
 
 - **Shared prefix.** Every row's prompt is identical up to the injection token, so the KV cache of
-  that prefix is computed once per model load and copied into each new row; only the suffix from the
-  injection token on is prefilled per row.
+  that prefix is computed once per model load (pipeline.prefix); only the suffix from the injection
+  token on is prefilled per row. Rows' caches hold only their own columns and the attention function
+  reads the prefix once per step for all rows (cascade attention, pipeline.attention); with another
+  ``attn_implementation`` the prefix is copied into each new row instead.
 - **No work on finished rows.** A row leaves the batch the step it finishes (``batch_select_indices``
   on the cache) and a waiting row takes its slot. A row that joins late has masked "holes" in its
   cache columns (keys carry their RoPE rotation, so a key's column index does not matter); columns
@@ -29,7 +31,7 @@ from collections import deque
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from pipeline.prefix import SharedPrefix
+from pipeline.prefix import SharedPrefix, supports_cascade
 from pipeline.verbalizer import normalize_to
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ class Decoder:
         with torch.inference_mode():
             embeds = self.embed(ids)  # [1, prompt_len, d_model]
             self.suffix_embeds = embeds[0, prompt.inject_pos:]  # [suffix_len, d_model]
-            self.prefix = SharedPrefix(self.body, inputs_embeds=embeds[:, : prompt.inject_pos])
+            self.prefix = SharedPrefix(self.body, inputs_embeds=embeds[:, : prompt.inject_pos],
+                                       cascade=supports_cascade(self.body))
         self.prefix_len = self.prefix.length
 
     # --- public -------------------------------------------------------------------------------------
@@ -116,11 +119,11 @@ class Decoder:
         suffix_len = embeds.shape[1]
         total = self.prefix_len + suffix_len
         positions = torch.arange(self.prefix_len, total, device=self.device).expand(n, -1)
-        hidden = self.body(inputs_embeds=embeds, position_ids=positions,
-                           attention_mask=torch.ones(n, total, dtype=torch.long, device=self.device),
+        mask = torch.ones(n, self.prefix.columns + suffix_len, dtype=torch.long, device=self.device)
+        hidden = self.body(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
                            **self.prefix.kw(cache)).last_hidden_state
         first = self._choose(self.head(hidden[:, -1]).float(), [[] for _ in rows])
-        new = _Batch(cache, torch.ones(n, total, dtype=torch.long, device=self.device))
+        new = _Batch(cache, mask)
         new.rows, new.tokens, new.positions = list(rows), [[t] for t in first], [total] * n
         return new if batch is None or not len(batch) else self._merge(batch, new)
 

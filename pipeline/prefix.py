@@ -4,6 +4,8 @@
     prefix = SharedPrefix(body, input_ids=[151644, 8948, ...])        # or inputs_embeds=[1, P, d_model]
     cache = prefix.cache(rows=32)          # a fresh cache holding the prefix for 32 rows
     hidden = body(input_ids=suffixes, position_ids=prefix.length + arange(S), attention_mask=..., **prefix.kw(cache))
+    # attention_mask covers prefix.columns + the suffix: the prefix's columns sit in each row's cache,
+    # unless cascade=True (pipeline.attention's shared-prefix attention reads them once for all rows)
 
 Both stages feed many rows that open with the same tokens: every extract prompt is rendered with
 the same system block and user header (24 tokens with Qwen2.5's template), and every verbalizer
@@ -18,6 +20,7 @@ import inspect
 
 import torch
 
+from pipeline.attention import NAME as SDPA_GQA
 from pipeline.kvcache import growable_cache
 
 
@@ -26,9 +29,21 @@ def cache_kwarg(body) -> str:
     return "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
 
 
+def supports_cascade(body) -> bool:
+    """Whether the model's attention function takes ``shared_prefix`` (only pipeline.attention's does)."""
+    return getattr(body.config, "_attn_implementation", None) == SDPA_GQA
+
+
 class SharedPrefix:
-    def __init__(self, body, input_ids: list[int] | None = None, inputs_embeds: torch.Tensor | None = None):
-        self.body = body
+    """``cascade``: keep the prefix out of the rows' caches and pass it to the attention function,
+    which reads it once per step for all rows. Worth it when queries are few (decoding); a long
+    prefill is better served by the fused SDPA kernels over per-row copies."""
+
+    def __init__(self, body, input_ids: list[int] | None = None, inputs_embeds: torch.Tensor | None = None,
+                 cascade: bool = False):
+        if cascade and not supports_cascade(body):
+            raise ValueError(f"shared-prefix attention needs attn_implementation={SDPA_GQA!r}")
+        self.body, self.cascade = body, cascade
         self.cache_kw = cache_kwarg(body)
         device = next(body.parameters()).device
         if inputs_embeds is None:
@@ -41,12 +56,21 @@ class SharedPrefix:
                 self.body(inputs_embeds=inputs_embeds, use_cache=True, **{self.cache_kw: cache})
             self.kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
 
+    @property
+    def columns(self) -> int:
+        """How many cache columns (and attention-mask columns) the prefix takes in each row."""
+        return 0 if self.cascade else self.length
+
     def kw(self, cache) -> dict:
-        return {self.cache_kw: cache, "use_cache": True}
+        """Forward kwargs for a call on top of the prefix with ``cache``."""
+        kw = {self.cache_kw: cache, "use_cache": True}
+        if self.cascade and self.kv:
+            kw["shared_prefix"] = self.kv
+        return kw
 
     def cache(self, rows: int):
-        """A new growable cache whose every row holds the prefix's keys and values."""
+        """A new growable cache for ``rows`` rows, holding the prefix's keys and values unless cascading."""
         cache = growable_cache()
-        for i, (k, v) in enumerate(self.kv):
+        for i, (k, v) in enumerate([] if self.cascade else self.kv):
             cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), i)
         return cache

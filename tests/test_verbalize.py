@@ -42,9 +42,15 @@ def run_verbalize(tmp_path, input_dir, *extra):
     return main(["verbalize", "--config", TINY_CONFIG, *overrides, *extra])
 
 
-@pytest.mark.parametrize("merge, engine", [("true", "continuous"), ("false", "continuous"), ("true", "generate")])
-def test_explanations_match_the_card(tmp_path, activation_dir, reference, tokenizer, merge, engine):
-    assert run_verbalize(tmp_path, activation_dir, f"verbalize.merge_lora={merge}", f"verbalize.engine={engine}") == 0
+@pytest.mark.parametrize("merge, engine, attn", [
+    ("true", "continuous", "auto"),    # shared-prefix (cascade) attention
+    ("false", "continuous", "auto"),
+    ("true", "continuous", "sdpa"),    # transformers' own attention: the prefix is copied into each row
+    ("true", "generate", "auto"),
+])
+def test_explanations_match_the_card(tmp_path, activation_dir, reference, tokenizer, merge, engine, attn):
+    assert run_verbalize(tmp_path, activation_dir, f"verbalize.merge_lora={merge}", f"verbalize.engine={engine}",
+                         f"model.attn_implementation={attn}") == 0
     rows, files = read_explanations(tmp_path / "verbalize")
     assert [r["id"] for r in rows] == [f"v{i}" for i in range(N_VECTORS)]
     for i, (row, generated) in enumerate(zip(rows, reference)):
