@@ -34,7 +34,8 @@ class ModelConfig:
     adapter: str | None = _f(None, "verbalizer LoRA: HF id, local directory, or builtin:tiny-lora (stage 2)")
     dtype: str = _f("auto", "auto|bfloat16|float16|float32; auto is bfloat16 on CUDA, float32 on CPU")
     device: str = _f("auto", "auto|cpu|cuda; auto picks this process's GPU when there is one")
-    attn_implementation: str = _f("auto", "auto (sdpa; on CPU with native grouped-KV heads) or any from_pretrained value: sdpa|eager|flash_attention_2")
+    attn_implementation: str = _f("auto", "auto (CPU: sdpa_gqa, CUDA: sdpa), sdpa_gqa (grouped-KV SDPA + shared-prefix "
+                                  "attention, pipeline/attention.py) or any from_pretrained value: sdpa|eager|flash_attention_2")
     allow_adapter_base_mismatch: bool = _f(False, "load an adapter whose recorded base differs from model.base")
 
 

@@ -3,6 +3,7 @@
     from pipeline.decoding import Decoder
     decoder = Decoder(model, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=128)
     rows = decoder.run(vectors)     # [(token ids, finished, n_generated)] in input order
+    for key, (tokens, finished, n) in decoder.stream((key, vector) for ...):   # as rows finish
 
 Why hand-written: transformers' ``generate`` keeps finished rows in the batch until the longest row
 ends and recomputes the prompt for every row, and its continuous-batching API takes token ids only,
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Hashable, Iterable, Iterator
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -43,7 +45,7 @@ class _Batch:
 
     def __init__(self, cache, mask: torch.Tensor):
         self.cache, self.mask = cache, mask
-        self.rows: list[int] = []           # input index of each batch row
+        self.rows: list = []                # key of each batch row (its input index in run())
         self.tokens: list[list[int]] = []   # generated tokens of each batch row
         self.positions: list[int] = []      # RoPE position of the next token fed for each row
 
@@ -86,18 +88,41 @@ class Decoder:
     @torch.inference_mode()
     def run(self, vectors: torch.Tensor, progress=None) -> list[tuple[list[int], bool, int]]:
         """Decode every vector ([rows, d_model]); results in input order."""
-        queue = deque(range(len(vectors)))
-        done: dict[int, tuple[list[int], bool, int]] = {}
+        done = dict(self.stream(enumerate(vectors), progress))
+        return [done[i] for i in range(len(vectors))]
+
+    @torch.inference_mode()
+    def stream(self, rows: Iterable[tuple[Hashable, torch.Tensor]], progress=None
+               ) -> Iterator[tuple[Hashable, tuple[list[int], bool, int]]]:
+        """Decode (key, vector) pairs, yielding (key, (tokens, finished, n_generated)) as each row ends.
+
+        ``rows`` is read lazily, at most one batch ahead, so a caller can feed chunk after chunk and
+        free slots are refilled across chunk boundaries instead of the batch draining at each one.
+        """
+        source = iter(rows)
+        queue: deque = deque()
+        vectors: dict = {}  # rows queued or in flight; a requeued row (OOM) is decoded again from here
+        exhausted = False
         batch: _Batch | None = None
-        while queue or (batch is not None and len(batch)):
+        while True:
+            while not exhausted and len(queue) < self.max_rows:
+                try:
+                    key, vector = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                queue.append(key)
+                vectors[key] = vector
             active = len(batch) if batch is not None else 0
+            if not queue and not active:
+                return
             free = self.max_rows - active
             take = []
             if queue and (active == 0 or free >= min(self.refill_at, len(queue))):
                 take = [queue.popleft() for _ in range(min(free, len(queue)))]
             try:
                 if take:
-                    batch = self._admit(batch, take, vectors)
+                    batch = self._admit(batch, take, torch.stack([vectors[k] for k in take]))
                 else:
                     self._step(batch)
             except OOM_ERRORS:
@@ -105,16 +130,18 @@ class Decoder:
                     raise
                 batch = self._halve(batch, queue, take)
                 continue
-            self._retire(batch, done, progress)
-        return [done[i] for i in range(len(vectors))]
+            for key, result in self._retire(batch, progress):
+                del vectors[key]
+                yield key, result
 
     # --- steps --------------------------------------------------------------------------------------
 
-    def _admit(self, batch: _Batch | None, rows: list[int], vectors: torch.Tensor) -> _Batch:
-        """Prefill the suffix of new rows on top of the shared prefix and add them to the batch."""
+    def _admit(self, batch: _Batch | None, rows: list, vectors: torch.Tensor) -> _Batch:
+        """Prefill the suffix of new rows (keys ``rows``, vectors [n, d_model]) on top of the shared
+        prefix and add them to the batch."""
         n = len(rows)
         embeds = self.suffix_embeds.unsqueeze(0).repeat(n, 1, 1)  # [n, suffix_len, d_model]
-        embeds[:, 0] = normalize_to(vectors[rows].to(self.device), self.vcfg.injection_norm).to(embeds.dtype)
+        embeds[:, 0] = normalize_to(vectors.to(self.device), self.vcfg.injection_norm).to(embeds.dtype)
         cache = self.prefix.cache(n)
         suffix_len = embeds.shape[1]
         total = self.prefix_len + suffix_len
@@ -191,19 +218,20 @@ class Decoder:
             return self.stop in tail
         return False
 
-    def _retire(self, batch: _Batch, done: dict, progress) -> None:
-        """Move finished rows out of the batch and drop cache columns that no row uses any more."""
-        keep = []
+    def _retire(self, batch: _Batch, progress) -> list:
+        """Move finished rows out of the batch, returning [(key, result)], and drop cache columns that
+        no row uses any more."""
+        keep, done = [], []
         for row, tokens in enumerate(batch.tokens):
             finished = self._finished(tokens)
             if finished or len(tokens) >= self.gcfg.max_new_tokens:
-                done[batch.rows[row]] = (tokens, finished, len(tokens))
+                done.append((batch.rows[row], (tokens, finished, len(tokens))))
                 if progress is not None:
                     progress(1)
             else:
                 keep.append(row)
         if len(keep) == len(batch):
-            return
+            return done
         self._keep(batch, keep)
         used = batch.mask.any(dim=0)
         # Columns that every remaining row masks are dropped once they are a quarter of the cache:
@@ -213,6 +241,7 @@ class Decoder:
             batch.mask = batch.mask[:, cols]
             for layer in batch.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        return done
 
     def _keep(self, batch: _Batch, keep: list[int]) -> None:
         """Keep the rows ``keep``; the last survivors move into the freed slots, so the cache copies

@@ -9,7 +9,9 @@ A stage object supplies ``out`` (a StageDir), ``plan()`` (every Unit, in input o
 all its chunks exist), ``setup()`` (load models; called only if there is work)
 and ``process(unit, progress, prepared)`` (write one chunk atomically, return its stats;
 ``progress(n)``, when given, is called as rows finish). A stage may also offer ``prepare(unit)``
-(read and tokenize), which the driver runs one unit ahead in a background thread. The driver owns
+(read and tokenize), which the driver runs one unit ahead in a background thread, and
+``process_stream(units_and_prepared, progress)``, a generator of (unit, stats) that may work on
+several units at once (verbalize keeps its decoder full across chunk boundaries). The driver owns
 the rest.
 
 Work split: rank r takes ``pending[r::world_size]``, where ``pending`` is the units without a final
@@ -96,15 +98,14 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
     with bar:
         # A lone process can also tick the bar inside a chunk (verbalize chunks take minutes).
         tick = (lambda n: bar.update(n)) if rt.world_size == 1 else None
-        for unit, prepared in _prefetched(stage, mine):
-            stats = stage.process(unit, progress=tick, prepared=prepared)
+        for unit, stats in _processed(stage, mine, tick):
             result.rows += unit.num_rows
             result.chunks += 1
             for k, v in stats.items():
                 result.stats[k] = result.stats.get(k, 0) + v
             _mark_complete_shards(stage, units, {unit.shard})
             # Rank 0's bar shows every rank's progress: count the finished files of pending units.
-            done = result.rows if rt.world_size == 1 else sum(
+            done = max(bar.n, result.rows) if rt.world_size == 1 else sum(
                 u.num_rows for u in pending if stage.out.chunk_done(u.shard, u.index))
             bar.update(done - bar.n)
             if "tokens" in result.stats:
@@ -118,6 +119,19 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
         log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
                  result.rows, result.chunks, result.seconds, result.rows_per_s)
     return result
+
+
+def _processed(stage, units: list[Unit], progress):
+    """Yield (unit, stats) as units are written: through ``stage.process_stream`` when the stage
+    keeps work going across units (verbalize's decoder), else one ``process`` call per unit."""
+    if not units:  # setup() was not called
+        return
+    prepared = _prefetched(stage, units)
+    if hasattr(stage, "process_stream"):
+        yield from stage.process_stream(prepared, progress)
+    else:
+        for unit, inputs in prepared:
+            yield unit, stage.process(unit, progress=progress, prepared=inputs)
 
 
 def _prefetched(stage, units: list[Unit]):

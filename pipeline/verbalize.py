@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,6 +77,17 @@ def generate_explanations(model, tokenizer, prompt, vectors: torch.Tensor, cfg) 
     )  # [batch, new_tokens]: only the generated tokens, since no input_ids were given
     eos = list(cfg.generation.eos_token_ids)
     return [decode_row(tokenizer, row.tolist(), eos, stop) for row in out.cpu()]
+
+
+@dataclass
+class _Chunk:
+    """One activation file in flight: its rows, which are bad, and the explanations so far."""
+    unit: Unit
+    ids: list[str]
+    vectors: torch.Tensor
+    errors: list[str | None]
+    good: list[int]
+    results: dict[int, tuple[str, bool, int]] = field(default_factory=dict)
 
 
 class VerbalizeStage:
@@ -165,30 +178,81 @@ class VerbalizeStage:
         if not len(vectors):
             return []
         if self.decoder is not None:
-            eos, stop = list(self.cfg.generation.eos_token_ids), self.cfg.verbalizer.stop_string
-            rows = self.decoder.run(vectors, progress=progress)
-            return [decode_row(self.tokenizer, tokens, eos, stop) for tokens, _, _ in rows]
+            return [self._decode(tokens) for tokens, _, _ in self.decoder.run(vectors, progress=progress)]
         bs = self.cfg.verbalize.batch_size
         return [r for s in range(0, len(vectors), bs)
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
 
-    def process(self, unit: Unit, progress=None, prepared=None) -> dict:
+    def _decode(self, tokens: list[int]) -> tuple[str, bool, int]:
+        return decode_row(self.tokenizer, tokens, list(self.cfg.generation.eos_token_ids), self.cfg.verbalizer.stop_string)
+
+    def _load(self, unit: Unit) -> _Chunk:
+        """Read one activation file and find its bad rows (they get an error, not a generation)."""
         ids, vectors, _, _, width_errors = read_activations(unit.source, width=self.d_model)
         self._check_width(unit.source, vectors.shape[1])  # under `run`, the file did not exist at plan time
         vectors = torch.from_numpy(vectors.copy())  # [rows, d_model] float32
         errors = [width_errors.get(i) or vector_problem(v) for i, v in enumerate(vectors)]
-        good = [i for i, e in enumerate(errors) if e is None]
-        results = dict(zip(good, self._explain(vectors[good], progress)))
         for i, e in enumerate(errors):
             if e is not None:
                 log.warning("%s row %d (id %s): %s; skipped", unit.source, i, ids[i], e)
+        return _Chunk(unit, ids, vectors, errors, [i for i, e in enumerate(errors) if e is None])
+
+    def _write(self, chunk: _Chunk) -> dict:
+        results, ids = chunk.results, chunk.ids
         table = pa.table({
             "id": ids,
             "explanation": [results[i][0] if i in results else "" for i in range(len(ids))],
             "finished": [results[i][1] if i in results else False for i in range(len(ids))],
             "n_generated": [results[i][2] if i in results else 0 for i in range(len(ids))],
-            "error": errors,
+            "error": chunk.errors,
         }, schema=OUTPUT_SCHEMA.with_metadata(self.metadata))
+        unit = chunk.unit
         self.out.write_atomic(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
-        return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(good)}
+        return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(chunk.good)}
 
+    def process(self, unit: Unit, progress=None, prepared=None) -> dict:
+        chunk = self._load(unit)
+        chunk.results = dict(zip(chunk.good, self._explain(chunk.vectors[chunk.good], progress)))
+        return self._write(chunk)
+
+    def process_stream(self, units, progress=None):
+        """Yield (unit, stats) as chunks are written. With the continuous engine, one decoder stream
+        runs through all of ``units`` [(unit, prepared)]: the next chunk's rows fill slots as soon as
+        they free up, and a chunk is written the moment its last row ends, so the batch never drains
+        at a chunk boundary. A file that fails to read stops the intake; rows already in flight are
+        finished and written before the error is raised."""
+        if self.decoder is None:
+            for unit, prepared in units:
+                yield unit, self.process(unit, progress, prepared)
+            return
+        open_chunks: dict[tuple[str, int], _Chunk] = {}
+        ready: deque[_Chunk] = deque()
+        failure: list[BaseException] = []
+
+        def rows():
+            try:
+                for unit, _ in units:
+                    chunk = self._load(unit)
+                    if not chunk.good:
+                        ready.append(chunk)
+                        continue
+                    key = (unit.shard, unit.index)
+                    open_chunks[key] = chunk
+                    for i in chunk.good:
+                        yield (key, i), chunk.vectors[i]
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the rows in flight are written
+                failure.append(e)
+
+        for (key, i), (tokens, _, _) in self.decoder.stream(rows(), progress):
+            chunk = open_chunks[key]
+            chunk.results[i] = self._decode(tokens)
+            if len(chunk.results) == len(chunk.good):
+                ready.append(open_chunks.pop(key))
+            while ready:
+                chunk = ready.popleft()
+                yield chunk.unit, self._write(chunk)
+        while ready:
+            chunk = ready.popleft()
+            yield chunk.unit, self._write(chunk)
+        if failure:
+            raise failure[0]

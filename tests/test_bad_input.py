@@ -141,3 +141,24 @@ def test_config_inherit_loop(tmp_path, capsys):
     (tmp_path / "a.yaml").write_text("inherit: b.yaml\n")
     (tmp_path / "b.yaml").write_text("inherit: a.yaml\n")
     expect_error(capsys, ["status", "--config", str(tmp_path / "a.yaml")], "loops back")
+
+
+def test_file_unreadable_mid_run_keeps_the_rows_in_flight(tmp_path, capsys, monkeypatch):
+    """A chunk that fails to read after planning stops the intake; the chunk whose rows were already
+    decoding is finished and written, then the error is reported."""
+    import pipeline.verbalize
+    from pipeline.errors import PipelineError
+
+    real = pipeline.verbalize.read_activations
+
+    def flaky(path, **kw):
+        if path.name == "chunk_00001.arrow":
+            raise PipelineError(f"{path}: not a readable activation file (simulated)")
+        return real(path, **kw)
+
+    monkeypatch.setattr(pipeline.verbalize, "read_activations", flaky)
+    write_activation_dir(tmp_path / "acts", np.random.default_rng(1).normal(size=(9, 64)).astype(np.float32) * 50,
+                         chunk_rows=4)
+    argv = verbalize_argv(tmp_path, tmp_path / "acts", **{"verbalize.batch_size": 4, "generation.max_new_tokens": 6})
+    expect_error(capsys, argv, "chunk_00001.arrow", "simulated")
+    assert [p.name for p in final_files(tmp_path / "verbalize")] == ["chunk_00000.parquet"]

@@ -102,6 +102,29 @@ def test_out_of_memory_mid_decode_is_rolled_back(merged, tokenizer, cfg, vectors
     assert texts(tokenizer, cfg, rows) == [card_text(tokenizer, g) for g in reference[20:32]]
 
 
+def test_stream_refills_across_chunk_boundaries(merged, tokenizer, cfg, vectors, reference):
+    """Rows are pulled lazily (at most a batch ahead) and a second chunk's rows start decoding
+    before the first chunk's have all finished; every result still matches the card."""
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=4)
+    events = []
+
+    def rows():
+        for i in range(12):  # "chunks" 0..5 and 6..11
+            events.append(("in", i))
+            yield i, vectors[i]
+
+    done = {}
+    for key, result in decoder.stream(rows()):
+        events.append(("out", key))
+        done[key] = result
+        pulled = sum(kind == "in" for kind, _ in events)
+        assert pulled - len(done) <= 2 * decoder.max_rows  # in flight + one batch of lookahead
+    last_of_first = max(n for n, (kind, key) in enumerate(events) if kind == "out" and key < 6)
+    assert any(kind == "in" and key >= 6 for kind, key in events[:last_of_first])
+    assert texts(tokenizer, cfg, [done[i] for i in range(12)]) == [card_text(tokenizer, g) for g in reference[:12]]
+
+
 def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
     from pipeline.extract import extract_vectors, render_and_tokenize
 
