@@ -95,7 +95,7 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
     start = time.perf_counter()
     bar = tqdm(total=sum(u.num_rows for u in pending), desc=stage.name, unit="row", dynamic_ncols=True,
                disable=not rt.is_main)
-    with bar:
+    with bar, stage.out.background_writes():
         # A lone process can also tick the bar inside a chunk (verbalize chunks take minutes).
         tick = (lambda n: bar.update(n)) if rt.world_size == 1 else None
         for unit, stats in _processed(stage, mine, tick):
@@ -103,7 +103,7 @@ def process_units(stage, cfg, rt, units: list[Unit], pending: list[Unit], mine: 
             result.chunks += 1
             for k, v in stats.items():
                 result.stats[k] = result.stats.get(k, 0) + v
-            _mark_complete_shards(stage, units, {unit.shard})
+            _mark_complete_shards(stage, units, {unit.shard})  # a chunk still in the writer: next time, or below
             # Rank 0's bar shows every rank's progress: count the finished files of pending units.
             done = max(bar.n, result.rows) if rt.world_size == 1 else sum(
                 u.num_rows for u in pending if stage.out.chunk_done(u.shard, u.index))

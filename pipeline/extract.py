@@ -194,7 +194,7 @@ class ExtractStage:
         log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
                  unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
         path = self.out.chunk_path(unit.shard, unit.index)
-        self.out.write_atomic(path, lambda tmp: write_activations(
+        self.out.write_chunk(path, lambda tmp: write_activations(
             tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype))
         return stats
 

@@ -10,17 +10,21 @@
     from pipeline.layout import StageDir
     out = StageDir(cfg.extract.output_dir, suffix=".arrow")
     if not out.chunk_done(chunk):
-        out.write_atomic(out.chunk_path(chunk), lambda tmp: write_table(tmp))
+        out.write_chunk(out.chunk_path(chunk), lambda tmp: write_table(tmp))
+    with out.background_writes():     # the driver's loop: chunk files are written in a writer thread
+        ...
 
 A chunk is done exactly when its final file exists: files only ever get a final name by os.replace
 of a complete temporary file. Temporary names start with "." and so never match a chunk glob.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +41,8 @@ class StageDir:
     def __init__(self, root: str | os.PathLike, suffix: str):
         self.root = Path(root)
         self.suffix = suffix
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
 
     def shard_dir(self, shard_name: str) -> Path:
         return self.root / shard_name
@@ -65,6 +71,33 @@ class StageDir:
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+    def write_chunk(self, final: Path, write: Callable[[Path], None]) -> None:
+        """write_atomic for a chunk file; inside ``background_writes()`` it runs in the writer thread
+        while the caller goes on computing. One write at a time: a second call first waits for the
+        first (memory stays bounded) and re-raises its error, if any."""
+        if self._writer is None:
+            self.write_atomic(final, write)
+            return
+        self._wait()
+        self._inflight = self._writer.submit(self.write_atomic, final, write)
+
+    def _wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    @contextlib.contextmanager
+    def background_writes(self):
+        """Chunk writes overlap compute: the GPU need not wait on a slow (network) filesystem. On
+        leaving, the last write has landed; if the body raised, a write already started still lands."""
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        try:
+            yield self
+        finally:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._wait()  # only without an exception from the body: a failed write is reported here
 
     def mark_complete(self, shard_name: str, info: dict) -> None:
         """Write the shard's marker once all its chunks exist. Ranks racing here write identical bytes."""

@@ -207,7 +207,7 @@ class VerbalizeStage:
             "error": chunk.errors,
         }, schema=OUTPUT_SCHEMA.with_metadata(self.metadata))
         unit = chunk.unit
-        self.out.write_atomic(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
+        self.out.write_chunk(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
         return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(chunk.good)}
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
