@@ -13,7 +13,8 @@ Everything happens in one process, on one machine, with the same prompts:
 3. Each stage is timed three ways: the card's per-example code (``generate(max_new_tokens=1)`` with a
    hook; ``generate(inputs_embeds=...)`` at batch 1 on the PeftModel), the pipeline through its stage
    driver (the same code path as ``nla-pipeline extract|verbalize``), and a large matmul in the same
-   dtype (the ceiling).
+   dtype (the ceiling). The card's code runs on half its rows just before the pipeline and on the
+   other half just after, so a machine whose speed drifts favours neither side.
 
 Useful FLOPs count only what the result needs: extract, layers 0..20 over real tokens (linear layers
 plus causal attention), with the chat template's opening that every prompt shares (system block and
@@ -197,6 +198,15 @@ def pipeline_stage(stage_cls, cfg, rt, device, **inject):
     return result, stage, peak_memory_gib(device)
 
 
+def around_pipeline(card, items, pipeline):
+    """Time the card's code on half of ``items`` before the pipeline runs and on the other half after
+    it: a machine whose speed drifts during the run (shared VMs do) then favours neither side.
+    Returns (card seconds, the pipeline's return value)."""
+    before = card(items[0::2])
+    out = pipeline()
+    return before + card(items[1::2]), out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("model")
@@ -228,6 +238,7 @@ def main(argv=None) -> int:
     from pipeline.extract import ExtractStage, chat_prefix_ids, padding_fraction
     from pipeline.runtime import Runtime
     from pipeline.verbalize import VerbalizeStage
+    from pipeline.verbalizer import build_prompt, depth_percent
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -251,7 +262,6 @@ def main(argv=None) -> int:
     report["ceiling_flops"] = ceiling
 
     # --- stage 1 ------------------------------------------------------------------------------
-    result, stage, mem = pipeline_stage(ExtractStage, cfg, rt, device)
     lengths = [len(t) for t in tokenizer.apply_chat_template(
         [[{"role": "user", "content": p}] for p in prompts], add_generation_prompt=True)["input_ids"]]
     prefix = len(chat_prefix_ids(tokenizer))  # every bench prompt starts with a letter: all rows share it
@@ -262,7 +272,9 @@ def main(argv=None) -> int:
     # subset has the same length mix as the whole set and rows/s compare like with like.
     by_length = np.argsort(lengths, kind="stable")
     card_idx = by_length[np.linspace(0, len(prompts) - 1, min(args.card_rows, len(prompts))).round().astype(int)]
-    card_s = card_extract(card_model, tokenizer, [prompts[i] for i in card_idx], cfg.extract.layer, device)
+    card_s, (result, stage, mem) = around_pipeline(
+        lambda idx: card_extract(card_model, tokenizer, [prompts[i] for i in idx], cfg.extract.layer, device),
+        card_idx, lambda: pipeline_stage(ExtractStage, cfg, rt, device))
     card_tokens = sum(lengths[i] for i in card_idx)
     report["extract"] = {
         "rows": result.rows, "seconds": result.seconds, "tokens": result.stats["tokens"],
@@ -284,13 +296,21 @@ def main(argv=None) -> int:
                       [0] * len(vectors), {})
     (shard / "_COMPLETE").write_text("{}")
     cfg.verbalize.input_dir = str(work / "acts")
-    result, stage, mem = pipeline_stage(VerbalizeStage, cfg, rt, device)
+    prompt = build_prompt(tokenizer, cfg.verbalizer, depth_percent(cfg.extract.layer, mcfg.num_hidden_layers))
+    card_vecs = torch.from_numpy(vectors[: args.card_verbalize_rows].copy())
+    card_gen: list[int] = []
+
+    def card(rows):
+        seconds, gen = card_verbalize(card_model, tokenizer, prompt.text, card_vecs[rows], device, args.max_new_tokens)
+        card_gen.extend(gen)
+        return seconds
+
+    card_s, (result, stage, mem) = around_pipeline(card, np.arange(len(card_vecs)),
+                                                   lambda: pipeline_stage(VerbalizeStage, cfg, rt, device))
+    assert stage.prompt.token_ids == prompt.token_ids
     table = pq.read_table(sorted((work / "verbalize").glob("*/chunk_*.parquet"))[0])
     generated = table.column("n_generated").to_pylist()
-    prompt = stage.prompt
     suffix = len(prompt.token_ids) - prompt.inject_pos
-    card_vecs = torch.from_numpy(vectors[: args.card_verbalize_rows].copy())
-    card_s, card_gen = card_verbalize(card_model, tokenizer, prompt.text, card_vecs, device, args.max_new_tokens)
     report["verbalize"] = {
         "rows": result.rows, "seconds": result.seconds, "generated_tokens": sum(generated),
         "useful_flops": verbalize_flops(mcfg, prompt.inject_pos, suffix, generated), "peak_mem_gib": mem,
@@ -340,7 +360,7 @@ def render(r: dict, device, command: str) -> str:
         f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
         f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens, of which the first {e['prefix_tokens']} (system block and "
         f"user header) are the same in every row; the card's code timed on {e['card_rows']} of them, "
-        "spread evenly over the length order.",
+        "spread evenly over the length order (half just before the pipeline, half just after).",
         f"- Verbalize: {v['rows']} vectors, max_new_tokens {r['args']['max_new_tokens']}, prompt {v['prompt_tokens']} tokens "
         f"(shared prefix {v['prefix_tokens']}); rows stop at varied lengths (EOS row of the LM head scaled by "
         f"{r['args']['eos_scale']}): generated p10/p50/p90 = {'/'.join(map(str, v['generated_p10_p50_p90']))}, "
