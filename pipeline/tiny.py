@@ -116,7 +116,7 @@ def _write_atomically(build, final: Path) -> Path:
 
 def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict | None = None,
                      tokenizer_from: str | os.PathLike | None = None, eos_scale: float = 2.2,
-                     residual_scale: float = 4.0) -> Path:
+                     residual_scale: float = 4.0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
     """A random Qwen2 with 28 layers, the real vocab size and Qwen2.5-Instruct's generation config.
 
     Two knobs make the random model behave like the real one where the protocol cares:
@@ -124,7 +124,8 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict |
     of about 100-170, as Qwen2.5-7B's do at the last chat token (so "normalize to 150" and "multiply
     by 150" really differ); ``eos_scale`` stretches the LM-head row of <|im_end|>, since random weights
     almost never emit EOS, and stretched by ~2 it wins after a varied number of steps, as real
-    explanations end at varied lengths.
+    explanations end at varied lengths. ``dtype``/``device``: the bench builds the real 7B shape in
+    bfloat16 on the GPU (half the bytes to write, and the random init in seconds).
     """
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -139,7 +140,8 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict |
             **(shape or TINY_SHAPE),
         )
         torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
+        with torch.device(device):
+            model = Qwen2ForCausalLM._from_config(config, dtype=dtype)
         # Random init at std 0.02 gives near-uniform logits; a wider init makes tokens depend on the input.
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -149,18 +151,19 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict |
                         p.mul_(residual_scale)
             model.lm_head.weight[QWEN2_GENERATION_CONFIG["eos_token_id"][0]] *= eos_scale
         model.generation_config = GenerationConfig(**QWEN2_GENERATION_CONFIG)
-        model.save_pretrained(tmp)
+        model.to("cpu").save_pretrained(tmp)
 
     return _write_atomically(build, Path(out_dir))
 
 
-def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 1) -> Path:
+def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 1,
+                       dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
     """A random LoRA in the card's layout (r 32, alpha 64, seven projections) with B non-zero."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     def build(tmp: Path) -> None:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, device_map={"": device})
         cfg = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules=LORA_TARGETS,
                          task_type="CAUSAL_LM")
         model = get_peft_model(base, cfg)

@@ -67,9 +67,14 @@ def bench_shape(args) -> dict:
 
 def build_models(args, shape: dict) -> tuple[str, str]:
     key = f"bench-{shape['hidden_size']}-{shape['intermediate_size']}-{shape['num_attention_heads']}-{shape['num_key_value_heads']}-eos{args.eos_scale}"
+    # Weights are stored in the bench dtype (bfloat16 for the 7B shape: 15 GB rather than 30) and
+    # initialised on the bench device. float32 keeps the key it always had.
+    key += "" if args.dtype == "float32" else f"-{args.dtype}"
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device).type
     tok_dir = build_tiny_model(cache_dir() / "tiny-qwen2-28l")  # reuse its tokenizer files
-    base = build_tiny_model(cache_dir() / key, shape=shape, tokenizer_from=tok_dir, eos_scale=args.eos_scale)
-    return str(base), str(build_tiny_adapter(base, cache_dir() / f"{key}-lora"))
+    base = build_tiny_model(cache_dir() / key, shape=shape, tokenizer_from=tok_dir, eos_scale=args.eos_scale,
+                            dtype=dtype, device=device)
+    return str(base), str(build_tiny_adapter(base, cache_dir() / f"{key}-lora", dtype=dtype, device=device))
 
 
 def make_prompts(tokenizer, n: int, seed: int = 0) -> list[str]:
@@ -181,9 +186,14 @@ def card_verbalize(model, tokenizer, prompt_text: str, vectors: torch.Tensor, de
             emb[0, pos] = (v * (150.0 / v.float().norm().clamp_min(1e-12))).to(emb.dtype)
             out = model.generate(inputs_embeds=emb, max_new_tokens=max_new, do_sample=False,
                                  pad_token_id=tokenizer.eos_token_id)
-            generated.append(out.shape[1])
+            generated.append(out[0].tolist())  # only the new tokens: no input_ids were given
     _sync(device)
     return time.perf_counter() - t0, generated
+
+
+def card_text(tokenizer, tokens: list[int], stop: str) -> str:
+    """The card's text for its tokens, with bug 1 fixed: decode everything, cut at the stop string."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).split(stop)[0].strip()
 
 
 # --- the pipeline -----------------------------------------------------------------------------------
@@ -214,6 +224,7 @@ def main(argv=None) -> int:
     g.add_argument("--shape", choices=sorted(SHAPES), help="use a real model's shape instead of --width")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--attn", default="auto", help="model.attn_implementation for the pipeline (sdpa_gqa: cascade on CUDA too)")
     g.add_argument("--eos-scale", type=float, default=2.5, help="stretch of the <|im_end|> LM-head row (varied stop lengths)")
     g = ap.add_argument_group("workload")
     g.add_argument("--extract-rows", type=int, default=384)
@@ -251,7 +262,7 @@ def main(argv=None) -> int:
     pq.write_table(pa.table({"prompt": prompts}), work / "prompts.parquet")
     cfg = load_config(str(REPO / "configs" / "qwen2.5-7b-l20-av-v2.yaml"), [
         f"model.base={base_dir}", f"model.adapter={adapter_dir}", f"model.dtype={args.dtype}",
-        f"model.device={device.type}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
+        f"model.device={device.type}", f"model.attn_implementation={args.attn}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
         f"extract.output_dir={work / 'extract'}", f"extract.max_batch_tokens={args.max_batch_tokens}",
         f"verbalize.output_dir={work / 'verbalize'}", f"verbalize.batch_size={args.batch_size}",
         f"generation.max_new_tokens={args.max_new_tokens}", "log_level=WARNING"])
@@ -276,11 +287,14 @@ def main(argv=None) -> int:
         lambda idx: card_extract(card_model, tokenizer, [prompts[i] for i in idx], cfg.extract.layer, device),
         card_idx, lambda: pipeline_stage(ExtractStage, cfg, rt, device))
     card_tokens = sum(lengths[i] for i in card_idx)
+    # What the card's code executes: all layers over every token, and the LM head at the last one.
+    card_flops = extract_flops(mcfg, mcfg.num_hidden_layers, [lengths[i] for i in card_idx]) \
+        + len(card_idx) * 2 * mcfg.hidden_size * mcfg.vocab_size
     report["extract"] = {
         "rows": result.rows, "seconds": result.seconds, "tokens": result.stats["tokens"],
         "computed_tokens": result.stats["computed_tokens"], "padding": padding_fraction(result.stats),
         "prefix_tokens": prefix, "useful_flops": useful, "peak_mem_gib": mem,
-        "card_rows": len(card_idx), "card_seconds": card_s, "card_tokens": card_tokens,
+        "card_rows": len(card_idx), "card_seconds": card_s, "card_tokens": card_tokens, "card_flops": card_flops,
         "tokens_p50_p90_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 90)), max(lengths)],
     }
     del stage
@@ -298,11 +312,11 @@ def main(argv=None) -> int:
     cfg.verbalize.input_dir = str(work / "acts")
     prompt = build_prompt(tokenizer, cfg.verbalizer, depth_percent(cfg.extract.layer, mcfg.num_hidden_layers))
     card_vecs = torch.from_numpy(vectors[: args.card_verbalize_rows].copy())
-    card_gen: list[int] = []
+    card_tokens: dict[int, list[int]] = {}
 
     def card(rows):
         seconds, gen = card_verbalize(card_model, tokenizer, prompt.text, card_vecs[rows], device, args.max_new_tokens)
-        card_gen.extend(gen)
+        card_tokens.update(zip(rows.tolist(), gen))
         return seconds
 
     card_s, (result, stage, mem) = around_pipeline(card, np.arange(len(card_vecs)),
@@ -311,12 +325,15 @@ def main(argv=None) -> int:
     table = pq.read_table(sorted((work / "verbalize").glob("*/chunk_*.parquet"))[0])
     generated = table.column("n_generated").to_pylist()
     suffix = len(prompt.token_ids) - prompt.inject_pos
+    texts = table.column("explanation").to_pylist()
+    same_text = sum(card_text(tokenizer, toks, cfg.verbalizer.stop_string) == texts[i] for i, toks in card_tokens.items())
     report["verbalize"] = {
         "rows": result.rows, "seconds": result.seconds, "generated_tokens": sum(generated),
         "useful_flops": verbalize_flops(mcfg, prompt.inject_pos, suffix, generated), "peak_mem_gib": mem,
         "finished_fraction": float(np.mean(table.column("finished").to_pylist())),
         "generated_p10_p50_p90": [int(np.percentile(generated, q)) for q in (10, 50, 90)],
-        "card_rows": len(card_vecs), "card_seconds": card_s, "card_generated_tokens": sum(card_gen),
+        "card_rows": len(card_vecs), "card_seconds": card_s, "card_generated_tokens": sum(map(len, card_tokens.values())),
+        "card_same_text": same_text,
         "card_same_rows_pipeline_tokens": sum(generated[: len(card_vecs)]),
         "prompt_tokens": len(prompt.token_ids), "prefix_tokens": prompt.inject_pos,
     }
@@ -364,7 +381,8 @@ def render(r: dict, device, command: str) -> str:
         f"- Verbalize: {v['rows']} vectors, max_new_tokens {r['args']['max_new_tokens']}, prompt {v['prompt_tokens']} tokens "
         f"(shared prefix {v['prefix_tokens']}); rows stop at varied lengths (EOS row of the LM head scaled by "
         f"{r['args']['eos_scale']}): generated p10/p50/p90 = {'/'.join(map(str, v['generated_p10_p50_p90']))}, "
-        f"{100 * v['finished_fraction']:.0f}% finished before the cap; the card's code timed on {v['card_rows']} of them.",
+        f"{100 * v['finished_fraction']:.0f}% finished before the cap; the card's code timed on {v['card_rows']} of them, "
+        f"whose text the pipeline reproduced exactly on {v['card_same_text']} of {v['card_rows']}.",
         "",
         "| stage | way | rows/s | tokens/s | vs card (rows/s) | vs card (tokens/s) | useful FLOP/s | of ceiling | padding | peak memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -374,6 +392,12 @@ def render(r: dict, device, command: str) -> str:
         f"| verbalize | card, per example | {v_card:.3f} | {v['card_generated_tokens'] / v['card_seconds']:,.1f} | 1.0x | 1.0x | | | | |",
         f"| verbalize | pipeline | {v_rps:.3f} | {v['generated_tokens'] / v['seconds']:,.1f} | {v_rps / v_card:.1f}x | {v_tok:.1f}x | "
         f"{v['useful_flops'] / v['seconds'] / 1e9:,.1f} G | {100 * v_util:.0f}% | 0% | {v['peak_mem_gib']:.2f} GiB |",
+        "",
+        f"The card's extract code executes {e['card_flops'] / e['card_seconds'] / 1e9:,.1f} GFLOP/s here (all "
+        "28 layers over every token, the LM head at the last one), "
+        f"{100 * e['card_flops'] / e['card_seconds'] / ceil:.0f}% of the ceiling; a pipeline running its useful FLOPs at "
+        f"the ceiling would be {ceil / (e['useful_flops'] / e['tokens']) / (e['card_tokens'] / e['card_seconds']):.1f}x "
+        "the card in tokens/s.",
         "",
         "tokens/s: prompt tokens for extract, generated tokens for verbalize. Peak memory: "
         + ("torch.cuda.max_memory_allocated per stage." if device.type == "cuda" else
