@@ -18,8 +18,9 @@ Everything happens in one process, on one machine, with the same prompts:
 
 Useful FLOPs count only what the result needs: extract, layers 0..20 over real tokens (linear layers
 plus causal attention), with the chat template's opening that every prompt shares (system block and
-user header, 24 tokens) counted once, since its keys and values do not depend on the rest; verbalize, the per-row suffix from the injection token on and every generated
-token through all layers and the LM head (the shared prefix is computed once and not counted).
+user header, 24 tokens) counted once, since its keys and values do not depend on the rest;
+verbalize, the per-row suffix from the injection token on and every generated token through all
+layers and the LM head (the shared prefix is computed once and not counted).
 Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> is scaled by
 ``--eos-scale`` (see pipeline.tiny.build_tiny_model); rows then stop at varied lengths, like real
 explanations, and the report gives the distribution.
@@ -262,7 +263,8 @@ def main(argv=None) -> int:
     pq.write_table(pa.table({"prompt": prompts}), work / "prompts.parquet")
     cfg = load_config(str(REPO / "configs" / "qwen2.5-7b-l20-av-v2.yaml"), [
         f"model.base={base_dir}", f"model.adapter={adapter_dir}", f"model.dtype={args.dtype}",
-        f"model.device={device.type}", f"model.attn_implementation={args.attn}", f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
+        f"model.device={device.type}", f"model.attn_implementation={args.attn}",
+        f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
         f"extract.output_dir={work / 'extract'}", f"extract.max_batch_tokens={args.max_batch_tokens}",
         f"verbalize.output_dir={work / 'verbalize'}", f"verbalize.batch_size={args.batch_size}",
         f"generation.max_new_tokens={args.max_new_tokens}", "log_level=WARNING"])

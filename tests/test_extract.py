@@ -133,7 +133,8 @@ def test_template_prefix_is_computed_once_and_a_seam_mismatch_runs_whole(peft_mo
     prefix = SharedPrefix(trunk, input_ids=prefix_ids)
     rows = []
     for layer in trunk.layers:  # count what the model is fed
-        layer.register_forward_pre_hook(lambda mod, args, kw: rows.append((args or [kw["hidden_states"]])[0].shape[:2]), with_kwargs=True)
+        layer.register_forward_pre_hook(lambda mod, args, kw: rows.append((args or [kw["hidden_states"]])[0].shape[:2]),
+                                        with_kwargs=True)
     got, stats = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id,
                                  prefix=prefix, prefix_ids=prefix_ids)
     assert stats["reused_tokens"] == len(prefix_ids) * 4
