@@ -13,8 +13,9 @@ Everything happens in one process, on one machine, with the same prompts:
 3. Each stage is timed three ways: the card's per-example code (``generate(max_new_tokens=1)`` with a
    hook; ``generate(inputs_embeds=...)`` at batch 1 on the PeftModel), the pipeline through its stage
    driver (the same code path as ``nla-pipeline extract|verbalize``), and a large matmul in the same
-   dtype (the ceiling). The card's code runs on half its rows just before the pipeline and on the
-   other half just after, so a machine whose speed drifts favours neither side.
+   dtype (the ceiling, timed just before and just after each stage's pipeline run). The card's code
+   runs on half its rows just before the pipeline and on the other half just after, so a machine
+   whose speed drifts (shared VMs do, by 20% here) favours neither side.
 
 Useful FLOPs count only what the result needs: extract, layers 0..20 over real tokens (linear layers
 plus causal attention), with the chat template's opening that every prompt shares (system block and
@@ -213,6 +214,7 @@ def around_pipeline(card, items, pipeline):
     """Time the card's code on half of ``items`` before the pipeline runs and on the other half after
     it: a machine whose speed drifts during the run (shared VMs do) then favours neither side.
     Returns (card seconds, the pipeline's return value)."""
+    card(items[:1])  # untimed warm-up: the first generate call pays one-off set-up costs
     before = card(items[0::2])
     out = pipeline()
     return before + card(items[1::2]), out
@@ -271,8 +273,14 @@ def main(argv=None) -> int:
     rt = Runtime(0, 1, device)
     report = {"args": vars(args), "shape": shape}
 
-    ceiling = matmul_ceiling(device, dtype, 4096 if device.type == "cpu" else 8192)
-    report["ceiling_flops"] = ceiling
+    matmul_n = 4096 if device.type == "cpu" else 8192
+
+    def with_ceiling(run):
+        """``run()`` between two readings of the matmul ceiling: a shared machine's speed drifts, so
+        each stage is set against the ceiling of its own minutes."""
+        before = matmul_ceiling(device, dtype, matmul_n)
+        out = run()
+        return out, [before, matmul_ceiling(device, dtype, matmul_n)]
 
     # --- stage 1 ------------------------------------------------------------------------------
     lengths = [len(t) for t in tokenizer.apply_chat_template(
@@ -285,9 +293,9 @@ def main(argv=None) -> int:
     # subset has the same length mix as the whole set and rows/s compare like with like.
     by_length = np.argsort(lengths, kind="stable")
     card_idx = by_length[np.linspace(0, len(prompts) - 1, min(args.card_rows, len(prompts))).round().astype(int)]
-    card_s, (result, stage, mem) = around_pipeline(
+    card_s, ((result, stage, mem), ceilings) = around_pipeline(
         lambda idx: card_extract(card_model, tokenizer, [prompts[i] for i in idx], cfg.extract.layer, device),
-        card_idx, lambda: pipeline_stage(ExtractStage, cfg, rt, device))
+        card_idx, lambda: with_ceiling(lambda: pipeline_stage(ExtractStage, cfg, rt, device)))
     card_tokens = sum(lengths[i] for i in card_idx)
     # What the card's code executes: all layers over every token, and the LM head at the last one.
     card_flops = extract_flops(mcfg, mcfg.num_hidden_layers, [lengths[i] for i in card_idx]) \
@@ -297,6 +305,7 @@ def main(argv=None) -> int:
         "computed_tokens": result.stats["computed_tokens"], "padding": padding_fraction(result.stats),
         "prefix_tokens": prefix, "useful_flops": useful, "peak_mem_gib": mem,
         "card_rows": len(card_idx), "card_seconds": card_s, "card_tokens": card_tokens, "card_flops": card_flops,
+        "ceilings": ceilings,
         "tokens_p50_p90_max": [int(np.percentile(lengths, 50)), int(np.percentile(lengths, 90)), max(lengths)],
     }
     del stage
@@ -318,11 +327,11 @@ def main(argv=None) -> int:
 
     def card(rows):
         seconds, gen = card_verbalize(card_model, tokenizer, prompt.text, card_vecs[rows], device, args.max_new_tokens)
-        card_tokens.update(zip(rows.tolist(), gen))
+        card_tokens.update(zip(rows.tolist(), gen))  # the warm-up row is timed again later: same tokens
         return seconds
 
-    card_s, (result, stage, mem) = around_pipeline(card, np.arange(len(card_vecs)),
-                                                   lambda: pipeline_stage(VerbalizeStage, cfg, rt, device))
+    card_s, ((result, stage, mem), ceilings) = around_pipeline(
+        card, np.arange(len(card_vecs)), lambda: with_ceiling(lambda: pipeline_stage(VerbalizeStage, cfg, rt, device)))
     assert stage.prompt.token_ids == prompt.token_ids
     table = pq.read_table(sorted((work / "verbalize").glob("*/chunk_*.parquet"))[0])
     generated = table.column("n_generated").to_pylist()
@@ -335,7 +344,7 @@ def main(argv=None) -> int:
         "finished_fraction": float(np.mean(table.column("finished").to_pylist())),
         "generated_p10_p50_p90": [int(np.percentile(generated, q)) for q in (10, 50, 90)],
         "card_rows": len(card_vecs), "card_seconds": card_s, "card_generated_tokens": sum(map(len, card_tokens.values())),
-        "card_same_text": same_text,
+        "card_same_text": same_text, "ceilings": ceilings,
         "card_same_rows_pipeline_tokens": sum(generated[: len(card_vecs)]),
         "prompt_tokens": len(prompt.token_ids), "prefix_tokens": prompt.inject_pos,
     }
@@ -357,14 +366,15 @@ def machine(device) -> str:
 
 
 def render(r: dict, device, command: str) -> str:
-    e, v, ceil = r["extract"], r["verbalize"], r["ceiling_flops"]
+    e, v = r["extract"], r["verbalize"]
+    e_ceil, v_ceil = (sum(x["ceilings"]) / len(x["ceilings"]) for x in (e, v))
     e_rps, e_card = e["rows"] / e["seconds"], e["card_rows"] / e["card_seconds"]
     v_rps, v_card = v["rows"] / v["seconds"], v["card_rows"] / v["card_seconds"]
     # The card's code is timed on a subset whose rows may be longer or shorter on average than the
     # whole set, so the speed-up is also given per token, which does not depend on that mix.
     e_tok = (e["tokens"] / e["seconds"]) / (e["card_tokens"] / e["card_seconds"])
     v_tok = (v["generated_tokens"] / v["seconds"]) / (v["card_generated_tokens"] / v["card_seconds"])
-    e_util, v_util = e["useful_flops"] / e["seconds"] / ceil, v["useful_flops"] / v["seconds"] / ceil
+    e_util, v_util = e["useful_flops"] / e["seconds"] / e_ceil, v["useful_flops"] / v["seconds"] / v_ceil
     pad = e["padding"]
     s = r["shape"]
     lines = [
@@ -375,7 +385,10 @@ def render(r: dict, device, command: str) -> str:
         f"- Bench model: Qwen2, 28 layers, d_model {s['hidden_size']}, intermediate {s['intermediate_size']}, "
         f"{s['num_attention_heads']} heads / {s['num_key_value_heads']} KV heads, vocab 152064, random weights, "
         f"{r['args']['dtype']}; random LoRA r 32 (merged by the pipeline, unmerged PeftModel for the card's code).",
-        f"- Matmul ceiling (4096² or 8192² in {r['args']['dtype']}, timed here): {ceil / 1e9:,.1f} GFLOP/s",
+        f"- Matmul ceiling ({'4096' if device.type == 'cpu' else '8192'}² in {r['args']['dtype']}, timed here just before and "
+        f"just after each stage's pipeline run; a stage's fraction uses the mean of its two): extract "
+        f"{'/'.join(f'{c / 1e9:,.1f}' for c in e['ceilings'])}, verbalize "
+        f"{'/'.join(f'{c / 1e9:,.1f}' for c in v['ceilings'])} GFLOP/s",
         f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
         f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens, of which the first {e['prefix_tokens']} (system block and "
         f"user header) are the same in every row; the card's code timed on {e['card_rows']} of them, "
@@ -397,8 +410,8 @@ def render(r: dict, device, command: str) -> str:
         "",
         f"The card's extract code executes {e['card_flops'] / e['card_seconds'] / 1e9:,.1f} GFLOP/s here (all "
         "28 layers over every token, the LM head at the last one), "
-        f"{100 * e['card_flops'] / e['card_seconds'] / ceil:.0f}% of the ceiling; a pipeline running its useful FLOPs at "
-        f"the ceiling would be {ceil / (e['useful_flops'] / e['tokens']) / (e['card_tokens'] / e['card_seconds']):.1f}x "
+        f"{100 * e['card_flops'] / e['card_seconds'] / e_ceil:.0f}% of the ceiling; a pipeline running its useful FLOPs at "
+        f"the ceiling would be {e_ceil / (e['useful_flops'] / e['tokens']) / (e['card_tokens'] / e['card_seconds']):.1f}x "
         "the card in tokens/s.",
         "",
         "tokens/s: prompt tokens for extract, generated tokens for verbalize. Peak memory: "
