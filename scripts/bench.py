@@ -430,7 +430,8 @@ def write_report(path: Path, section: str, device) -> None:
     kept = [p for p in parts[1:] if not p.startswith(kind)]
     if not any(p.startswith("## CUDA") for p in kept + [section]):
         kept.append("## CUDA\n\nNo GPU figure has been measured yet (none was available to the sessions so far). "
-                    "On a GPU run:\n`python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda`\n")
+                    "On a GPU run:\n`python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda`\n"
+                    "(on a lent H200: `scripts/device_bench.sh`, one prepared call).\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(parts[0].rstrip() + "\n\n" + "\n".join([section] + [p.rstrip() + "\n" for p in kept]), encoding="utf-8")
 
