@@ -94,16 +94,16 @@ def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int, prefix: Sha
 
 @torch.inference_mode()
 def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int,
-                    prefix: SharedPrefix | None = None, prefix_ids: list[int] | None = None):
+                    prefix: SharedPrefix | None = None):
     """Layer output at each row's last real token: float32 [rows, d_model] in input order, plus stats.
 
-    Rows that start with ``prefix_ids`` (whose cache is ``prefix``) and go past it are run as
+    Rows that start with ``prefix.ids`` and go past them are run as
     suffixes on top of the cached prefix; the others (a template that tokenizes differently at the
     seam, say) are run whole. Stats: ``tokens`` real tokens, ``reused_tokens`` prefix tokens not
     recomputed, ``computed_tokens`` tokens fed to the model including padding.
     """
-    plen = prefix.length if prefix is not None and prefix_ids else 0
-    shared = [plen > 0 and len(t) > plen and t[:plen] == prefix_ids for t in token_ids]
+    plen = prefix.length if prefix is not None and prefix.ids else 0
+    shared = [plen > 0 and len(t) > plen and t[:plen] == prefix.ids for t in token_ids]
     fed = [t[plen:] if s else t for t, s in zip(token_ids, shared)]
     lengths = [len(t) for t in fed]
     out = torch.empty(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
@@ -169,8 +169,7 @@ class ExtractStage:
             self.trunk = load_extract_model(self.cfg, self.rt.device)
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg)
         # Keys and values of the template's opening (system block + user header), once per model load.
-        self.prefix_ids = chat_prefix_ids(self.tokenizer)
-        self.prefix = SharedPrefix(self.trunk, input_ids=self.prefix_ids)
+        self.prefix = SharedPrefix(self.trunk, input_ids=chat_prefix_ids(self.tokenizer))
         self.metadata = {
             "nla_pipeline_version": __version__,
             "base_model": self.cfg.model.base,
@@ -190,7 +189,7 @@ class ExtractStage:
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         ids, token_ids = prepared if prepared is not None else self.prepare(unit)
         vectors, stats = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
-                                         self.tokenizer.pad_token_id, self.prefix, self.prefix_ids)
+                                         self.tokenizer.pad_token_id, self.prefix)
         log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
                  unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
         path = self.out.chunk_path(unit.shard, unit.index)

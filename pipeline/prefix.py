@@ -2,6 +2,7 @@
 
     from pipeline.prefix import SharedPrefix
     prefix = SharedPrefix(body, input_ids=[151644, 8948, ...])        # or inputs_embeds=[1, P, d_model]
+    prefix.ids, prefix.length             # the tokens it stands for (None if built from embeddings), P
     cache = prefix.cache(rows=32)          # a fresh cache holding the prefix for 32 rows
     hidden = body(input_ids=suffixes, position_ids=prefix.length + arange(S), attention_mask=..., **prefix.kw(cache))
     # attention_mask covers prefix.columns + the suffix: the prefix's columns sit in each row's cache,
@@ -44,6 +45,7 @@ class SharedPrefix:
         if cascade and not supports_cascade(body):
             raise ValueError(f"shared-prefix attention needs attn_implementation={SDPA_GQA!r}")
         self.body, self.cascade = body, cascade
+        self.ids = list(input_ids) if input_ids is not None else None  # None when built from embeddings
         self.cache_kw = cache_kwarg(body)
         device = next(body.parameters()).device
         if inputs_embeds is None:

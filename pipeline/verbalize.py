@@ -90,6 +90,11 @@ class _Chunk:
     results: dict[int, tuple[str, bool, int]] = field(default_factory=dict)
 
 
+def _drain(queue: deque):
+    while queue:
+        yield queue.popleft()
+
+
 class VerbalizeStage:
     """Per-chunk verbalization plus what the driver needs. ``model``/``tokenizer`` may be injected."""
 
@@ -174,11 +179,8 @@ class VerbalizeStage:
             "fingerprint": fingerprint(self.settings()),
         }
 
-    def _explain(self, vectors: torch.Tensor, progress=None) -> list[tuple[str, bool, int]]:
-        if not len(vectors):
-            return []
-        if self.decoder is not None:
-            return [self._decode(tokens) for tokens, _, _ in self.decoder.run(vectors, progress=progress)]
+    def _generate(self, vectors: torch.Tensor) -> list[tuple[str, bool, int]]:
+        """The ``generate`` engine: transformers' generate, batch after batch."""
         bs = self.cfg.verbalize.batch_size
         return [r for s in range(0, len(vectors), bs)
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
@@ -211,9 +213,9 @@ class VerbalizeStage:
         return {"generated_tokens": sum(r[2] for r in results.values()), "bad_rows": len(ids) - len(chunk.good)}
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
-        chunk = self._load(unit)
-        chunk.results = dict(zip(chunk.good, self._explain(chunk.vectors[chunk.good], progress)))
-        return self._write(chunk)
+        """One chunk on its own (the driver calls process_stream)."""
+        ((_, stats),) = self.process_stream([(unit, prepared)], progress)
+        return stats
 
     def process_stream(self, units, progress=None):
         """Yield (unit, stats) as chunks are written. With the continuous engine, one decoder stream
@@ -222,8 +224,10 @@ class VerbalizeStage:
         at a chunk boundary. A file that fails to read stops the intake; rows already in flight are
         finished and written before the error is raised."""
         if self.decoder is None:
-            for unit, prepared in units:
-                yield unit, self.process(unit, progress, prepared)
+            for unit, _ in units:
+                chunk = self._load(unit)
+                chunk.results = dict(zip(chunk.good, self._generate(chunk.vectors[chunk.good])))
+                yield unit, self._write(chunk)
             return
         open_chunks: dict[tuple[str, int], _Chunk] = {}
         ready: deque[_Chunk] = deque()
@@ -248,11 +252,7 @@ class VerbalizeStage:
             chunk.results[i] = self._decode(tokens)
             if len(chunk.results) == len(chunk.good):
                 ready.append(open_chunks.pop(key))
-            while ready:
-                chunk = ready.popleft()
-                yield chunk.unit, self._write(chunk)
-        while ready:
-            chunk = ready.popleft()
-            yield chunk.unit, self._write(chunk)
+            yield from ((c.unit, self._write(c)) for c in _drain(ready))
+        yield from ((c.unit, self._write(c)) for c in _drain(ready))  # chunks with no good rows, at the end
         if failure:
             raise failure[0]

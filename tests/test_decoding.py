@@ -173,3 +173,12 @@ def test_sampling_runs_and_respects_the_cap(merged, tokenizer, cfg, vectors):
     torch.manual_seed(0)
     rows = Decoder(merged, tokenizer, prompt, gcfg, cfg.verbalizer, max_rows=3).run(vectors[:5])
     assert len(rows) == 5 and all(1 <= n <= 6 and len(toks) == n for toks, _, n in rows)
+
+
+def test_cascade_is_refused_without_the_attention_that_takes_it(tiny_model_dir):
+    from pipeline.prefix import SharedPrefix
+
+    trunk = load_extract_model(load_config(TINY_CONFIG, ["model.attn_implementation=sdpa"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="sdpa_gqa"):
+        SharedPrefix(trunk, input_ids=[151644, 8948], cascade=True)
+    assert SharedPrefix(trunk, input_ids=[151644, 8948]).ids == [151644, 8948]

@@ -136,7 +136,7 @@ def test_template_prefix_is_computed_once_and_a_seam_mismatch_runs_whole(peft_mo
         layer.register_forward_pre_hook(lambda mod, args, kw: rows.append((args or [kw["hidden_states"]])[0].shape[:2]),
                                         with_kwargs=True)
     got, stats = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id,
-                                 prefix=prefix, prefix_ids=prefix_ids)
+                                 prefix=prefix)
     assert stats["reused_tokens"] == len(prefix_ids) * 4
     widths = {n for _, n in rows}
     assert len(ids[0]) in widths  # the mismatched row, whole
