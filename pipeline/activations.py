@@ -74,3 +74,10 @@ def read_activations(path, width: int | None = None) -> tuple[list[str], np.ndar
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     n_tokens = table.column("n_tokens").to_pylist() if "n_tokens" in table.column_names else [0] * len(vectors)
     return table.column("id").to_pylist(), vectors, n_tokens, meta, errors
+
+
+def count_rows(path) -> int:
+    """Rows in an activation file, from its record-batch headers (memory-mapped: no data is read).
+    Raises on a file that is not a complete Arrow IPC stream, e.g. one cut short by a crash."""
+    with pa.memory_map(str(path)) as source:
+        return sum(batch.num_rows for batch in pa.ipc.open_stream(source))

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from pipeline.config import describe_keys, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import PeerFailed, PipelineError
 
 log = logging.getLogger("pipeline.cli")
 
@@ -51,23 +51,46 @@ def _dispatch(args) -> int:
 
         print_status(cfg)
         return 0
-    from pipeline.driver import run_pipeline, run_stage
-    from pipeline.extract import ExtractStage
-    from pipeline.modeling import resolve_source
     from pipeline.runtime import init_runtime
-    from pipeline.verbalize import VerbalizeStage
 
     rt = init_runtime(cfg)
-    with rt.main_process_first():  # one process builds/downloads, the rest then find it in place
-        resolve_source(cfg.model.base, "model.base")
-        if cfg.model.adapter and args.command != "extract":
-            resolve_source(cfg.model.adapter, "model.adapter")
-    if args.command == "extract":
-        results = [run_stage(ExtractStage(cfg, rt), cfg, rt, overwrite=args.overwrite)]
-    elif args.command == "verbalize":
-        results = [run_stage(VerbalizeStage(cfg, rt), cfg, rt, overwrite=args.overwrite)]
+    try:
+        return _run(args, cfg, rt)
+    except PeerFailed as e:
+        # Rank 0 prints the error; this rank notes it in its own log file (if it has one yet), so
+        # that the console shows one line per failure, not one per rank.
+        if logging.getLogger("pipeline").handlers:
+            log.error("%s", e)
+        return 1
+
+
+def _resolve_models(cfg, command: str) -> None:
+    from pipeline.modeling import resolve_source
+
+    resolve_source(cfg.model.base, "model.base")
+    if cfg.model.adapter and command != "extract":
+        resolve_source(cfg.model.adapter, "model.adapter")
+
+
+def _run(args, cfg, rt) -> int:
+    from pipeline.driver import run_pipeline, run_stage
+    from pipeline.extract import ExtractStage
+    from pipeline.verbalize import VerbalizeStage
+
+    # Rank 0 builds (builtin:) or downloads the models first, then the others find them in place.
+    # Each step is a collective that also checks for errors: one rank's failure ends every rank.
+    with rt.together("loading the models"):
+        if rt.is_main:
+            _resolve_models(cfg, args.command)
+    with rt.together("setting up"):
+        if not rt.is_main:
+            _resolve_models(cfg, args.command)
+        stages = {"extract": ExtractStage, "verbalize": VerbalizeStage}
+        made = [stages[name](cfg, rt) for name in (("extract", "verbalize") if args.command == "run" else (args.command,))]
+    if args.command == "run":
+        results = run_pipeline(*made, cfg, rt, overwrite=args.overwrite)
     else:
-        results = run_pipeline(ExtractStage(cfg, rt), VerbalizeStage(cfg, rt), cfg, rt, overwrite=args.overwrite)
+        results = [run_stage(made[0], cfg, rt, overwrite=args.overwrite)]
     if rt.is_main:
         from pipeline.summary import print_summary
 

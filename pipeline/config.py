@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -202,6 +203,17 @@ def _validate(cfg: Config) -> None:
                        ("generation.max_new_tokens", cfg.generation.max_new_tokens)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+    # Each stage owns its directory (fingerprint, markers, --overwrite): two stages must not share one.
+    dirs = {"extract.output_dir": cfg.extract.output_dir, "verbalize.output_dir": cfg.verbalize.output_dir}
+    if cfg.verbalize.input_dir:
+        dirs["verbalize.input_dir"] = cfg.verbalize.input_dir
+    seen: dict[str, str] = {}
+    for key, value in dirs.items():
+        path = os.path.abspath(os.path.expanduser(value))
+        if path in seen and {key, seen[path]} != {"extract.output_dir", "verbalize.input_dir"}:
+            raise PipelineError(f"config keys {seen[path]} and {key} name the same directory {value!r}; "
+                                "give each stage its own output directory")
+        seen.setdefault(path, key)
 
 
 def describe_keys() -> str:

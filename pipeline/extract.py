@@ -18,9 +18,8 @@ import logging
 import torch
 
 from pipeline import __version__
-from pipeline.activations import write_activations
+from pipeline.activations import count_rows, write_activations
 from pipeline.batching import token_budget_batches
-from pipeline.config import fingerprint
 from pipeline.driver import Unit
 from pipeline.layout import StageDir
 from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
@@ -131,16 +130,20 @@ class ExtractStage:
 
     def __init__(self, cfg, rt, trunk=None, tokenizer=None):
         self.cfg, self.rt = cfg, rt
-        self.out = StageDir(cfg.extract.output_dir, suffix=".arrow")
+        self.out = StageDir(cfg.extract.output_dir, suffix=".arrow", count_rows=count_rows)
         self.trunk, self.tokenizer = trunk, tokenizer
-        self.shards = resolve_shards(cfg.data)
+        self.shards = None  # resolved by plan(), on rank 0 only (each input file's footer is read once)
+        self.fingerprint: str | None = None  # set by the driver from rank 0's settings
         self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
 
     def plan(self) -> list[Unit]:
+        """Every chunk of every input file; the files are opened and their columns checked here."""
+        self.shards = resolve_shards(self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
-    def shard_ready(self, shard_name: str) -> bool:
-        return True  # every chunk of an input shard is planned up front
+    def shard_info(self, shard_name: str, units: list[Unit]) -> dict:
+        """Every chunk of an input shard is planned up front, so the plan's units are the whole shard."""
+        return {"chunks": len(units), "rows": sum(u.num_rows for u in units)}
 
     def settings(self) -> dict:
         cfg = self.cfg
@@ -178,7 +181,7 @@ class ExtractStage:
             "dtype": self.dtype,
             "prompt_rendering": PROMPT_RENDERING,
             "with_adapter": self.cfg.extract.with_adapter,
-            "fingerprint": fingerprint(self.settings()),
+            "fingerprint": self.fingerprint,
         }
 
     def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:

@@ -1,24 +1,39 @@
-"""Process-level setup: which rank we are, which device we own, and logging for this rank.
+"""Process-level setup: which rank we are, which device we own, logging, and the start-up collectives.
 
     from pipeline.runtime import init_runtime
-    rt = init_runtime(cfg)          # works alone, under accelerate launch, and under torchrun
+    rt = init_runtime(cfg)          # works alone, under accelerate launch, torchrun, or srun with env vars
     rt.rank, rt.world_size, rt.device, rt.is_main
-    rt.setup_logging(out_dir)       # console on rank 0 only; every rank logs to its own file
+    rt.setup_logging(level, log_file)   # console on rank 0 only; every rank logs to its own file
+    with rt.together("loading the tokenizer"):   # an error on any rank ends every rank, promptly
+        ...
+    units = rt.broadcast(units if rt.is_main else None)   # rank 0's object, on every rank
 
-Ranks never need to talk to each other after start-up (work is split by a rule every rank can
-recompute), so the only collective is the barrier that orders rank 0's set-up before the others.
+Ranks never need to talk to each other once work starts (each rank takes ``units[rank::world_size]``
+of one plan that rank 0 made and broadcast), so the only collectives are the few at start-up, and
+each of them doubles as an error check: a rank that fails there does not leave the others waiting
+on a barrier until the process-group timeout.
+
+Tests inject faults through one environment variable, never set in real runs:
+``NLA_PIPELINE_TEST_HOOK="delay_listing@1=3,fail_startup@1"`` makes rank 1 wait 3 s before it lists
+its finished chunks, and fail during start-up (see ``test_hook``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.errors import PeerFailed, PipelineError
+
 LOGGER = "pipeline"
+TEST_HOOK = "NLA_PIPELINE_TEST_HOOK"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,15 +47,60 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def main_process_first(self):
-        """Rank 0 runs the block first (e.g. building a built-in model), then the others."""
-        import contextlib
+    @contextlib.contextmanager
+    def together(self, what: str):
+        """Run a block on every rank, then check on every rank that it succeeded everywhere.
 
-        return self._state.main_process_first() if self.world_size > 1 else contextlib.nullcontext()
+        If it raised anywhere, every rank raises at once instead of waiting for the others on a
+        later collective: rank 0 the error (its own, or the lowest failing rank's, as the one line
+        the user sees, since only rank 0 prints), every other rank a ``PeerFailed`` that it logs to
+        its own file. A block must be entered by every rank, even one with nothing to do in it."""
+        error: BaseException | None = None
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised below, once every rank has heard of it
+            error = e
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        import torch.distributed as dist
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            self._state.wait_for_everyone()
+        mine = None if error is None else str(error) if isinstance(error, PipelineError) else repr(error)
+        messages: list = [None] * self.world_size
+        dist.all_gather_object(messages, mine)
+        failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+        if not failed:
+            return
+        if self.is_main and error is not None:
+            raise error
+        first, message = failed[0]
+        if self.is_main:
+            raise PipelineError(f"rank {first} failed while {what}: {message}") from None
+        raise PeerFailed(f"rank {first} failed while {what}: {message}") from error
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (pickled; a plan of 40k chunks is a few MB)."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def test_hook(self, name: str) -> None:
+        """The faults tests inject through $NLA_PIPELINE_TEST_HOOK (``name@rank[=value],...``)."""
+        for item in filter(None, os.environ.get(TEST_HOOK, "").split(",")):
+            spec, _, value = item.partition("=")
+            hook, _, rank = spec.partition("@")
+            if hook != name or int(rank or 0) != self.rank:
+                continue
+            if name == "delay_listing":
+                log.info("test hook: rank %d waits %s s before listing its chunks", self.rank, value)
+                time.sleep(float(value))
+            elif name == "fail_startup":
+                raise PipelineError(f"start-up failure injected by {TEST_HOOK}")
 
     def setup_logging(self, level: str, log_file: Path | None = None) -> None:
         logger = logging.getLogger(LOGGER)
@@ -75,4 +135,3 @@ def init_runtime(cfg) -> Runtime:
     # Without CUDA, PartialState joins the (gloo) process group only when asked for the CPU.
     state = PartialState(cpu=want_cpu)
     return Runtime(state.process_index, state.num_processes, state.device, state)
-

@@ -24,8 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.activations import read_activations
-from pipeline.config import fingerprint
+from pipeline.activations import count_rows, read_activations
 from pipeline.decoding import Decoder
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
@@ -49,6 +48,24 @@ OUTPUT_SCHEMA = pa.schema([
     pa.field("n_generated", pa.int32()),
     pa.field("error", pa.string()),
 ])
+
+
+def parquet_rows(path) -> int:
+    """Rows of a Parquet file, from its footer; raises on a file without one (cut short)."""
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def activation_units(inp: StageDir) -> list[Unit]:
+    """One unit per activation file in ``inp``, with its row count; an unreadable file is one line."""
+    units = []
+    for path in inp.chunk_files():
+        try:
+            rows = count_rows(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise PipelineError(f"{path}: not a readable activation file ({str(e).splitlines()[0]}); "
+                                "run extract again to redo it") from e
+        units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
+    return units
 
 
 def hf_generation_config(gcfg, stop_string: str | None):
@@ -102,8 +119,9 @@ class VerbalizeStage:
 
     def __init__(self, cfg, rt, model=None, tokenizer=None):
         self.cfg, self.rt = cfg, rt
-        self.inp = StageDir(cfg.verbalize_input_dir, suffix=".arrow")
-        self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet")
+        self.inp = StageDir(cfg.verbalize_input_dir, suffix=".arrow", count_rows=count_rows)
+        self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet", count_rows=parquet_rows)
+        self.fingerprint: str | None = None  # set by the driver from rank 0's settings
         self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg)
         model_cfg = load_model_config(cfg)
         self.d_model = model_cfg.hidden_size
@@ -115,19 +133,18 @@ class VerbalizeStage:
         self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
 
     def plan(self) -> list[Unit]:
-        """Every activation file under the input directory (checked before any model work)."""
-        files = self.inp.chunk_files()
-        if not files:
+        """Every activation file under the input directory, checked before any model work. Run by
+        rank 0 alone (the driver broadcasts it): extract may still be adding files, and ranks that
+        listed at different moments would split different lists."""
+        units = activation_units(self.inp)
+        if not units:
             raise PipelineError(f"verbalize.input_dir {self.inp.root}: no activation files (run extract first)")
-        units = []
-        for path in files:
-            with pa.memory_map(str(path)) as src:
-                reader = pa.ipc.open_stream(src)
-                act = reader.schema.field("activation").type if "activation" in reader.schema.names else None
-                if act is None or not (pa.types.is_list(act) or pa.types.is_large_list(act)):  # lists: per row
-                    self._check_width(path, getattr(act, "list_size", None))
-                rows = reader.read_all().num_rows
-            units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
+        for unit in units:
+            with pa.memory_map(str(unit.source)) as src:
+                schema = pa.ipc.open_stream(src).schema
+            act = schema.field("activation").type if "activation" in schema.names else None
+            if act is None or not (pa.types.is_list(act) or pa.types.is_large_list(act)):  # lists: checked per row
+                self._check_width(unit.source, getattr(act, "list_size", None))
         incomplete = sorted({u.shard for u in units if not self.inp.shard_complete(u.shard)})
         if incomplete:
             log.warning("verbalize: extract has not finished shard(s) %s; verbalizing the chunks that exist",
@@ -145,8 +162,10 @@ class VerbalizeStage:
                 f"{path}: activations have width {width}, but model {self.cfg.model.base} has d_model {self.d_model}"
             )
 
-    def shard_ready(self, shard_name: str) -> bool:
-        return self.inp.shard_complete(shard_name)  # all of the input shard exists
+    def shard_info(self, shard_name: str, units: list[Unit]) -> dict | None:
+        """The shard's full extent, from extract's marker: the plan may have been listed while
+        extract was still writing the shard, so its own units are not the whole shard."""
+        return self.inp.shard_marker(shard_name)
 
     def settings(self) -> dict:
         cfg = self.cfg
@@ -176,7 +195,7 @@ class VerbalizeStage:
             "prompt_sha256": self.prompt.sha256, "depth_pct": str(self.prompt.depth_pct),
             "injection_norm": str(cfg.verbalizer.injection_norm), "stop_string": str(cfg.verbalizer.stop_string),
             "generation": json.dumps(vars(cfg.generation), sort_keys=True), "dtype": self.dtype,
-            "fingerprint": fingerprint(self.settings()),
+            "fingerprint": self.fingerprint,
         }
 
     def _generate(self, vectors: torch.Tensor) -> list[tuple[str, bool, int]]:

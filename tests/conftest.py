@@ -5,6 +5,7 @@ Everything runs offline in a temp dir. NLA_PIPELINE_CACHE points at the session'
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def offline_cache(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def reset_pipeline_logger():
+    """An in-process CLI run gives the ``pipeline`` logger its own handlers (one on the stderr that
+    pytest captured for that test) and stops propagation; undo that, so that caplog sees records."""
+    yield
+    logger = logging.getLogger("pipeline")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = True
 
 
 @pytest.fixture(scope="session")

@@ -162,3 +162,59 @@ def test_file_unreadable_mid_run_keeps_the_rows_in_flight(tmp_path, capsys, monk
     argv = verbalize_argv(tmp_path, tmp_path / "acts", **{"verbalize.batch_size": 4, "generation.max_new_tokens": 6})
     expect_error(capsys, argv, "chunk_00001.arrow", "simulated")
     assert [p.name for p in final_files(tmp_path / "verbalize")] == ["chunk_00000.parquet"]
+
+
+# --- output directories, --overwrite ---------------------------------------------------------------
+
+def test_overwrite_refuses_a_directory_that_is_not_this_stages_output(tmp_path, capsys):
+    """extract.output_dir pointed by mistake at the folder that holds the inputs."""
+    f = write_parquet(tmp_path / "data" / "in.parquet", {"prompt": ["hi", "there"]})
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    argv = ["extract", "--config", TINY_CONFIG, f"data.paths=[{f}]", f"extract.output_dir={tmp_path / 'data'}",
+            f"verbalize.output_dir={tmp_path / 'v'}", "--overwrite"]
+    expect_error(capsys, argv, "--overwrite refused", "extract.output_dir", "in.parquet")
+    assert f.exists() and (tmp_path / "data" / "notes.txt").read_text() == "mine"
+    assert not final_files(tmp_path / "data")
+
+
+def test_overwrite_refuses_the_other_stages_output(tmp_path, capsys):
+    f = write_parquet(tmp_path / "in.parquet", {"prompt": ["hi", "there"]})
+    base = ["--config", TINY_CONFIG, f"data.paths=[{f}]", "generation.max_new_tokens=3"]
+    assert main(["run", *base, *tiny_overrides(tmp_path)]) == 0
+    capsys.readouterr()
+    # The verbalize output given as extract's output directory, then --overwrite.
+    argv = ["extract", *base, f"extract.output_dir={tmp_path / 'verbalize'}", f"verbalize.output_dir={tmp_path / 'v2'}",
+            "--overwrite"]
+    expect_error(capsys, argv, "--overwrite refused", "holds verbalize output, not extract output")
+    assert len(final_files(tmp_path / "verbalize")) == 1
+
+
+def test_overwrite_deletes_only_what_the_stage_wrote(tmp_path, capsys):
+    """extract.output_dir is the parent of verbalize.output_dir, and holds a file of the user's."""
+    import pyarrow.parquet as pq
+
+    f = write_parquet(tmp_path / "in.parquet", {"prompt": ["hi", "there"]})
+    out = tmp_path / "out"
+    base = ["--config", TINY_CONFIG, f"data.paths=[{f}]", "generation.max_new_tokens=3",
+            f"extract.output_dir={out}", f"verbalize.output_dir={out / 'verbalize'}"]
+    assert main(["run", *base]) == 0
+    (out / "README.txt").write_text("my notes")
+    (out / "00000-in" / "plot.png").write_bytes(b"png")  # a user's file inside a shard directory
+    before = pq.read_table(out / "verbalize" / "00000-in" / "chunk_00000.parquet")
+    assert main(["extract", *base, "extract.output_dtype=float16", "--overwrite"]) == 0
+    assert (out / "README.txt").read_text() == "my notes" and (out / "00000-in" / "plot.png").exists()
+    assert pq.read_table(out / "verbalize" / "00000-in" / "chunk_00000.parquet").equals(before)
+    assert "float16" in (out / "_fingerprint.json").read_text()
+    assert (out / "00000-in" / "chunk_00000.arrow").exists() and (out / "00000-in" / "_COMPLETE").exists()
+
+
+def test_two_stages_cannot_share_an_output_directory(tmp_path, capsys):
+    argv = ["run", "--config", TINY_CONFIG, f"extract.output_dir={tmp_path}", f"verbalize.output_dir={tmp_path}/"]
+    expect_error(capsys, argv, "extract.output_dir", "verbalize.output_dir", "same directory")
+
+
+def test_an_empty_activation_file_is_one_line(tmp_path, acts, capsys):
+    (acts / "00000-test" / "chunk_00001.arrow").write_bytes(b"")  # a crash left a final name, no bytes
+    expect_error(capsys, verbalize_argv(tmp_path, acts), "chunk_00001.arrow", "not a readable activation file",
+                 "run extract again")
+    assert not final_files(tmp_path / "verbalize")

@@ -161,3 +161,62 @@ def test_one_call_reads_a_whole_stage_in_input_order(tmp_path, baseline, inputs,
     assert ds["id"] == [f"a{i}" for i in range(20)] + [f"b{i}" for i in range(20)]
     acts = datasets.load_dataset("arrow", data_files=str(tmp_path / "extract" / "*" / "chunk_*.arrow"), split="train")
     assert acts["id"] == ds["id"]
+
+
+def test_a_rank_that_lists_late_skips_nothing(tmp_path, inputs, baseline, offline_cache):
+    """Rank 1 waits 3 s before looking at its chunks (a slow metadata server, NFS attribute caching);
+    rank 0 has finished chunks by then. The split must not depend on when a rank looks."""
+    env = {"NLA_PIPELINE_TEST_HOOK": "delay_listing@1=3"}
+    proc = subprocess.run(_argv("run", inputs, tmp_path, procs=2), cwd=REPO, env={**_env(offline_cache), **env},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "waits 3 s" in (tmp_path / "extract" / "logs" / "rank00001.log").read_text()  # the hook fired
+    assert_same(tmp_path, baseline)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_start_up_error_on_one_rank_ends_every_rank_promptly(tmp_path, inputs, offline_cache):
+    """Two processes started by hand (as srun starts them, with no torchrun agent to kill the
+    survivors): rank 1 fails before the work is split. Rank 0 must not wait on a barrier until the
+    process-group timeout (30 min); both exit 1 and the console shows one line, from rank 0."""
+    port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        env = {**_env(offline_cache), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NLA_PIPELINE_TEST_HOOK": "fail_startup@1"}
+        procs.append(subprocess.Popen(_argv("run", inputs, tmp_path), cwd=REPO, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 1, err[-2000:]
+        errs.append(err)
+    lines = [line for err in errs for line in err.splitlines() if "error" in line.lower()]
+    assert lines == ["nla-pipeline run: error: rank 1 failed while planning the run: "
+                     "start-up failure injected by NLA_PIPELINE_TEST_HOOK"], errs
+    assert "rank 1 failed" in (tmp_path / "extract" / "logs" / "rank00001.log").read_text()
+    assert not list(tmp_path.glob("*/*/chunk_*"))
+
+
+def test_truncated_chunk_files_are_redone_on_resume(tmp_path, inputs, baseline, offline_cache):
+    """A node crash on a write-back filesystem can leave a final name with no bytes, or half of them."""
+    cli(offline_cache, "run", inputs, tmp_path)
+    empty = tmp_path / "extract" / "00000-a" / "chunk_00002.arrow"
+    half = tmp_path / "extract" / "00001-b" / "chunk_00004.arrow"
+    empty_v = tmp_path / "verbalize" / "00001-b" / "chunk_00007.parquet"
+    empty.write_bytes(b"")
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    empty_v.write_bytes(b"")
+    proc = cli(offline_cache, "run", inputs, tmp_path)
+    assert f"{empty}: the file is empty" in proc.stderr
+    assert f"{half}: the file cannot be read" in proc.stderr
+    assert f"{empty_v}: the file is empty" in proc.stderr
+    assert_same(tmp_path, baseline)

@@ -23,7 +23,8 @@ def write_activation_dir(root, vectors: np.ndarray, ids=None, chunk_rows: int = 
                           "activation": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), d)})
         with pa.OSFile(str(shard / f"chunk_{j:05d}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
             w.write_table(table)
-    (shard / "_COMPLETE").write_text("{}")
+    n_chunks = -(-len(vectors) // chunk_rows)
+    (shard / "_COMPLETE").write_text(json.dumps({"chunks": n_chunks, "rows": len(vectors)}))
     return root
 
 
@@ -151,3 +152,44 @@ def test_row_of_the_wrong_width_in_a_list_column_is_skipped(tmp_path, vectors):
     assert [r["id"] for r in out] == ["a", "b", "c"]
     assert "width 10" in out[1]["error"] and out[1]["explanation"] == "" and not out[1]["finished"]
     assert out[0]["error"] is None and out[2]["error"] is None and out[0]["n_generated"] > 0
+
+
+def test_a_shard_extract_finishes_after_planning_is_not_marked_complete(tmp_path, vectors, monkeypatch):
+    """verbalize lists the input while extract still writes: the shard's last chunk and its marker
+    land between the listing and the end of the run. Only the chunks it listed are verbalized, and
+    the shard is not marked complete against that partial list (but on the next run, in full)."""
+    from pipeline.verbalize import VerbalizeStage
+
+    acts = write_activation_dir(tmp_path / "acts", vectors[:6].numpy(), chunk_rows=2)
+    shard = acts / "00000-test"
+    held_back = shard / "chunk_00002.arrow"
+    late = held_back.read_bytes()
+    held_back.unlink()
+    (shard / "_COMPLETE").unlink()
+    real_plan = VerbalizeStage.plan
+
+    def plan_then_extract_finishes(self):
+        units = real_plan(self)
+        held_back.write_bytes(late)
+        (shard / "_COMPLETE").write_text(json.dumps({"chunks": 3, "rows": 6}))
+        return units
+
+    monkeypatch.setattr(VerbalizeStage, "plan", plan_then_extract_finishes)
+    assert run_verbalize(tmp_path, acts, "generation.max_new_tokens=3") == 0
+    out = tmp_path / "verbalize" / "00000-test"
+    assert sorted(p.name for p in out.glob("chunk_*")) == ["chunk_00000.parquet", "chunk_00001.parquet"]
+    assert not (out / "_COMPLETE").exists()
+    monkeypatch.setattr(VerbalizeStage, "plan", real_plan)
+    assert run_verbalize(tmp_path, acts, "generation.max_new_tokens=3") == 0
+    assert json.loads((out / "_COMPLETE").read_text()) == {"chunks": 3, "rows": 6}
+
+
+def test_status_plans_verbalize_from_its_input_dir(tmp_path, vectors, capsys):
+    """verbalize.input_dir set, data.paths left at the bundled sample: status counts what verbalize reads."""
+    acts = write_activation_dir(tmp_path / "acts", vectors[:5].numpy(), chunk_rows=2)
+    assert run_verbalize(tmp_path, acts, "generation.max_new_tokens=3") == 0
+    (tmp_path / "verbalize" / "00000-test" / "chunk_00002.parquet").unlink()
+    capsys.readouterr()
+    assert main(["status", "--config", TINY_CONFIG, *tiny_overrides(tmp_path, **{"verbalize.input_dir": str(acts)})]) == 0
+    verbalize = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("verbalize"))
+    assert "2/3 chunks done (1 pending), 4/5 rows" in verbalize
