@@ -89,8 +89,9 @@ def prepare_output(stage, cfg, overwrite: bool) -> str:
 def _own_pending(stage, rt, mine: list[Unit]) -> list[Unit]:
     """This rank's units that still need doing. A final-named file counts as done only if it is
     valid; an invalid one (empty, unreadable, wrong row count) is removed with a warning, and so is
-    its shard's marker, before any rank starts marking shards. Temporary files left for these units
-    by an earlier run are removed too: no other rank of this job writes them."""
+    its shard's marker (another rank may have counted the bad file and marked the shard meanwhile;
+    it is marked again once the chunk is redone). Temporary files left for these units by an
+    earlier run are removed too: no other rank of this job writes them."""
     rt.test_hook("delay_listing")
     listing = stage.out.listing({u.shard for u in mine})
     pending, removed = [], 0
@@ -133,7 +134,10 @@ class _Progress:
         self.out, self.alone = stage.out, rt.world_size == 1
         self.shards = sorted({u.shard for u in units})
         self.rows = {(u.shard, stage.out.chunk_name(u.index)): u.num_rows for u in units}
-        done = sum(self.rows.values()) - sum(u.num_rows for u in pending) if self.alone else self._listed_rows()
+        if self.alone:
+            done = sum(self.rows.values()) - sum(u.num_rows for u in pending)
+        else:  # only rank 0 shows a bar, so only rank 0 lists
+            done = self._listed_rows() if rt.is_main else 0
         self.bar = tqdm(total=sum(self.rows.values()), initial=done, desc=stage.name, unit="row",
                         dynamic_ncols=True, disable=not rt.is_main)
         self.counted = done  # rows of finished chunks (lone process)
@@ -156,10 +160,9 @@ class _Progress:
 
 def process_units(stage, cfg, rt, units: list[Unit], mine: list[Unit]) -> StageResult:
     """Process this rank's share ``mine`` of the plan ``units``, marking shards complete as they fill
-    up. Collective only at the start (every rank checks its own files first)."""
+    up. No collective: under ``run`` a rank goes on to verbalize without waiting for the others."""
     rt.setup_logging(cfg.log_level, stage.out.log_path(rt.rank))
-    with rt.together(f"checking finished {stage.name} chunks"):
-        pending = _own_pending(stage, rt, mine)
+    pending = _own_pending(stage, rt, mine)
     result = StageResult(stage.name, str(stage.out.root), skipped_chunks=len(mine) - len(pending))
     log.info("%s: %d chunk(s) in all; rank %d of %d takes %d, %d already done, %d to do", stage.name, len(units),
              rt.rank, rt.world_size, len(mine), result.skipped_chunks, len(pending))
