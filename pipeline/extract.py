@@ -25,7 +25,7 @@ from pipeline.driver import Unit
 from pipeline.layout import StageDir
 from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
 from pipeline.prefix import SharedPrefix
-from pipeline.shards import plan_chunks, read_prompts, resolve_shards
+from pipeline.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class ExtractStage:
         self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
 
     def plan(self) -> list[Unit]:
+        warn_duplicate_ids(self.shards, self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
     def shard_ready(self, shard_name: str) -> bool:

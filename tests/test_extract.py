@@ -89,14 +89,14 @@ def test_card_behaviour_flag_keeps_the_adapter_on(tmp_path, peft_model, tokenize
         assert np.abs(vectors[i] - ref.numpy()).max() / ref.norm().item() < 1e-4
 
 
-def test_output_is_a_dataset_and_ids_default_to_stem_and_row(tmp_path):
+def test_output_is_a_dataset_and_ids_default_to_shard_name_and_row(tmp_path):
     import datasets
 
     write_parquet(tmp_path / "in" / "b.parquet", {"prompt": PROMPTS[:5]})
     run_extract(tmp_path, **{"data.paths": f"[{tmp_path / 'in' / '*.parquet'}]", "extract.output_dtype": "float16"})
     files = sorted(str(p) for p in (tmp_path / "extract").glob("*/chunk_*.arrow"))
     ds = datasets.load_dataset("arrow", data_files=files, split="train")
-    assert ds["id"] == [f"b:{i}" for i in range(5)]
+    assert ds["id"] == [f"00000-b:{i}" for i in range(5)]
     one = datasets.Dataset.from_file(files[0])
     assert len(one["activation"][0]) == 64
     with pa.memory_map(files[0]) as src:
