@@ -89,7 +89,7 @@ def resolve_shards(data_cfg) -> list[Shard]:
             raise PipelineError(
                 f"{path}: no column {col!r} (columns: {', '.join(schema.names)}); set data.prompt_column"
             )
-        if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
+        if not _is_string_like(schema.field(col).type):
             raise PipelineError(f"{path}: column {col!r} holds {schema.field(col).type}, not strings")
         shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names))
     return shards

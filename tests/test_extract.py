@@ -2,7 +2,10 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
 
 from pipeline.cli import main
@@ -146,3 +149,24 @@ def test_template_prefix_is_computed_once_and_a_seam_mismatch_runs_whole(peft_mo
         for i, p in enumerate(prompts):
             ref = card_activation(peft_model, tokenizer, p)
             assert (got[i] - ref).abs().max() / ref.norm() < 1e-5, (i, p[:30])
+
+
+@pytest.mark.parametrize("kind", ["categorical", "string_view"])
+def test_string_like_columns_give_what_plain_strings_give(tmp_path, kind):
+    """A pandas categorical (dictionary<string>) or a string_view column reads as plain strings."""
+    prompts, ids = PROMPTS[2:8], [f"r{i}" for i in range(6)]  # prompts 4 and 5 are equal
+    plain = write_parquet(tmp_path / "plain" / "p.parquet", {"id": ids, "prompt": prompts})
+    make = {"categorical": pd.Categorical,
+            "string_view": lambda v: pd.array(v, dtype=pd.ArrowDtype(pa.string_view()))}[kind]
+    typed = tmp_path / "typed" / "p.parquet"
+    typed.parent.mkdir()
+    pd.DataFrame({"id": make(ids), "prompt": make(prompts)}).to_parquet(typed, row_group_size=4)
+    arrow_type = pa.dictionary(pa.int8(), pa.string()) if kind == "categorical" else pa.string_view()
+    assert pq.read_schema(typed).field("prompt").type == arrow_type
+    assert pq.read_schema(typed).field("id").type == arrow_type
+    run_extract(tmp_path / "a", **{"data.paths": f"[{plain}]"})
+    run_extract(tmp_path / "b", **{"data.paths": f"[{typed}]"})
+    want_ids, want, want_tokens, _ = read_output(tmp_path / "a" / "extract")
+    got_ids, got, got_tokens, _ = read_output(tmp_path / "b" / "extract")
+    assert got_ids == want_ids == ids and got_tokens == want_tokens
+    np.testing.assert_array_equal(got, want)

@@ -1,10 +1,14 @@
-"""Input shards: default ids, duplicate ids."""
+"""Input shards: default ids, duplicate ids, string-like prompt columns (no model involved)."""
 import logging
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from pipeline.cli import main
 from pipeline.config import DataConfig
+from pipeline.errors import PipelineError
 from pipeline.shards import plan_chunks, read_prompts, resolve_shards
 from tests.conftest import TINY_CONFIG, tiny_overrides, write_parquet
 
@@ -60,3 +64,24 @@ def test_duplicate_ids_in_a_run_give_one_warning_with_a_count(tmp_path):
     assert len(warnings) == 1, warnings
     assert warnings[0].startswith("data: 3 row(s) share an id with an earlier row (e.g. 'r0')")
     assert "data.id_column" in warnings[0]
+
+
+@pytest.mark.parametrize("column", [
+    pa.array(["a", "b", "a"], pa.string_view()),
+    pa.array(["a", "b", "a"], pa.string()).dictionary_encode(),
+], ids=["string_view", "dictionary"])
+def test_string_like_prompt_columns_are_read_as_str(tmp_path, column):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": column, "id": column}), path, row_group_size=2)
+    assert pq.read_schema(path).field("prompt").type == column.type
+    cfg = DataConfig(paths=[str(path)])
+    chunks = plan_chunks(resolve_shards(cfg), 2)
+    got = [read_prompts(c, cfg) for c in chunks]
+    assert [p for _, ps in got for p in ps] == ["a", "b", "a"]
+    assert all(type(p) is str and type(i) is str for ids, ps in got for i, p in zip(ids, ps))
+
+
+def test_dictionary_of_non_strings_is_still_refused(tmp_path):
+    pq.write_table(pa.table({"prompt": pa.array([1, 2, 1]).dictionary_encode()}), tmp_path / "in.parquet")
+    with pytest.raises(PipelineError, match="not strings"):
+        resolve_shards(DataConfig(paths=[str(tmp_path / "in.parquet")]))
