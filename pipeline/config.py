@@ -44,7 +44,8 @@ class ModelConfig:
 class DataConfig:
     paths: list[str] = _f([], "Parquet files or globs, in order; empty means the bundled sample prompts")
     prompt_column: str = _f("prompt", "column holding each prompt (rendered as one user message)")
-    id_column: str = _f("id", "column holding row ids; when absent the id is '<file stem>:<row index>'")
+    id_column: str = _f("id", "column holding row ids; when absent the id is '<shard name>:<row index>', "
+                         "e.g. 00000-train:17")
     chunk_rows: int = _f(256, "rows per chunk, the unit of work, output file and resume")
 
 

@@ -4,7 +4,7 @@
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
 
     from pipeline.extract import ExtractStage, extract_vectors
-    vectors, stats = extract_vectors(trunk, token_ids, max_batch_tokens=8192, pad_id=tok.pad_token_id)
+    vectors, stats, errors = extract_vectors(trunk, token_ids, max_batch_tokens=8192, pad_id=tok.pad_token_id)
 
 Each prompt is rendered as one user message with the chat template (add_generation_prompt=True),
 exactly as the model card does. Batches are right-padded with an explicit attention mask, so every
@@ -18,13 +18,13 @@ import logging
 import torch
 
 from pipeline import __version__
-from pipeline.activations import count_rows, write_activations
+from pipeline.activations import ACTIVATION_FORMAT, count_rows, write_activations
 from pipeline.batching import token_budget_batches
 from pipeline.driver import Unit
 from pipeline.layout import StageDir
 from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
 from pipeline.prefix import SharedPrefix
-from pipeline.shards import plan_chunks, read_prompts, resolve_shards
+from pipeline.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +76,67 @@ def _forward_last(trunk, token_ids: list[list[int]], pad_id: int, prefix: Shared
     return hidden[torch.arange(rows, device=device), last].float().cpu()
 
 
-def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
-    """Like _forward_last, but a batch that runs out of memory is split in two and retried."""
+def _forward_halving(trunk, token_ids: list[list[int]], pad_id: int,
+                     prefix: SharedPrefix | None = None) -> tuple[torch.Tensor, dict[int, str]]:
+    """Like _forward_last, but a batch that runs out of memory is split in two and retried, and a
+    single row that still does not fit becomes an error: (vectors [rows, d_model], {row: message})."""
     try:
-        return _forward_last(trunk, token_ids, pad_id, prefix)
+        return _forward_last(trunk, token_ids, pad_id, prefix), {}
     except torch.OutOfMemoryError:
-        if len(token_ids) == 1:
-            raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        half = len(token_ids) // 2
-        log.warning("out of memory on a batch of %d rows; splitting it in two", len(token_ids))
-        return torch.cat([_forward_halving(trunk, token_ids[:half], pad_id, prefix),
-                          _forward_halving(trunk, token_ids[half:], pad_id, prefix)])
+        pass  # retried below: here the exception's traceback still holds the failed attempt's tensors
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(token_ids) == 1:
+        n = len(token_ids[0]) + (prefix.length if prefix is not None else 0)
+        return torch.zeros(1, trunk.config.hidden_size), {0: f"out of memory on one row of {n} tokens"}
+    half = len(token_ids) // 2
+    log.warning("out of memory on a batch of %d rows; splitting it in two", len(token_ids))
+    first, first_errors = _forward_halving(trunk, token_ids[:half], pad_id, prefix)
+    second, second_errors = _forward_halving(trunk, token_ids[half:], pad_id, prefix)
+    return torch.cat([first, second]), {**first_errors, **{half + i: e for i, e in second_errors.items()}}
+
+
+def _too_long(token_ids: list[list[int]], max_positions: int | None) -> dict[int, str]:
+    """Rows with more tokens than the model has positions: run anyway, RoPE would extrapolate silently."""
+    if max_positions is None:
+        return {}
+    return {i: f"prompt has {len(t)} tokens, more than the model's maximum of {max_positions} positions"
+            for i, t in enumerate(token_ids) if len(t) > max_positions}
 
 
 @torch.inference_mode()
 def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int,
                     prefix: SharedPrefix | None = None):
-    """Layer output at each row's last real token: float32 [rows, d_model] in input order, plus stats.
+    """Layer output at each row's last real token: float32 [rows, d_model] in input order, stats and
+    errors ({row: message}; that row's vector is zeros).
 
     Rows that start with ``prefix.ids`` and go past them are run as
     suffixes on top of the cached prefix; the others (a template that tokenizes differently at the
-    seam, say) are run whole. Stats: ``tokens`` real tokens, ``reused_tokens`` prefix tokens not
-    recomputed, ``computed_tokens`` tokens fed to the model including padding.
+    seam, say) are run whole. Rows longer than ``max_position_embeddings`` are not run, and a row that
+    runs out of memory on its own is given up: both become errors. Stats: ``tokens`` real tokens of
+    the rows fed to the model, ``reused_tokens`` prefix tokens not recomputed, ``computed_tokens`` tokens fed to the
+    model including padding, ``error_rows``.
     """
+    too_long = _too_long(token_ids, getattr(trunk.config, "max_position_embeddings", None))
+    errors = dict(too_long)
     plen = prefix.length if prefix is not None and prefix.ids else 0
     shared = [plen > 0 and len(t) > plen and t[:plen] == prefix.ids for t in token_ids]
     fed = [t[plen:] if s else t for t, s in zip(token_ids, shared)]
     lengths = [len(t) for t in fed]
-    out = torch.empty(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
+    out = torch.zeros(len(token_ids), trunk.config.hidden_size, dtype=torch.float32)
     computed = 0
     for group, group_prefix in ((True, prefix), (False, None)):
-        rows = [i for i, s in enumerate(shared) if s == group]
+        rows = [i for i, s in enumerate(shared) if s == group and i not in errors]
         for batch in token_budget_batches([lengths[i] for i in rows], max_batch_tokens):
             batch = [rows[i] for i in batch]
-            out[torch.tensor(batch)] = _forward_halving(trunk, [fed[i] for i in batch], pad_id, group_prefix)
+            vectors, batch_errors = _forward_halving(trunk, [fed[i] for i in batch], pad_id, group_prefix)
+            out[torch.tensor(batch)] = vectors
+            errors.update((batch[i], e) for i, e in batch_errors.items())
             computed += len(batch) * max(lengths[i] for i in batch)
-    stats = {"tokens": sum(len(t) for t in token_ids), "reused_tokens": plen * sum(shared), "computed_tokens": computed}
-    return out, stats
+    fed_rows = [i for i in range(len(token_ids)) if i not in too_long]
+    stats = {"tokens": sum(len(token_ids[i]) for i in fed_rows), "computed_tokens": computed,
+             "reused_tokens": plen * sum(shared[i] for i in fed_rows), "error_rows": len(errors)}
+    return out, stats, dict(sorted(errors.items()))
 
 
 def padding_fraction(stats: dict) -> float:
@@ -139,6 +161,7 @@ class ExtractStage:
     def plan(self) -> list[Unit]:
         """Every chunk of every input file; the files are opened and their columns checked here."""
         self.shards = resolve_shards(self.cfg.data)
+        warn_duplicate_ids(self.shards, self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
     def shard_info(self, shard_name: str, units: list[Unit]) -> dict:
@@ -151,6 +174,7 @@ class ExtractStage:
         self.tokenizer = tok
         settings = {
             "stage": "extract",
+            "activation_format": ACTIVATION_FORMAT,
             "model.base": model_identity(resolve_source(cfg.model.base, "model.base")),
             "model.dtype": self.dtype,
             "extract.layer": cfg.extract.layer,
@@ -191,12 +215,17 @@ class ExtractStage:
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         ids, token_ids = prepared if prepared is not None else self.prepare(unit)
-        vectors, stats = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
-                                         self.tokenizer.pad_token_id, self.prefix)
+        vectors, stats, errors = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
+                                                 self.tokenizer.pad_token_id, self.prefix)
+        chunk = unit.source
+        for i, e in errors.items():
+            log.warning("%s row %d (id %s): %s; not extracted: its activation is null and its 'error' says why",
+                        chunk.shard.path, chunk.start + i, ids[i], e)
         log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
                  unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
         path = self.out.chunk_path(unit.shard, unit.index)
         self.out.write_chunk(path, lambda tmp: write_activations(
-            tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype))
+            tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype,
+            errors))
         return stats
 

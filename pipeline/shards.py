@@ -4,6 +4,7 @@
     shards = resolve_shards(cfg.data)          # validated before any model work
     for chunk in plan_chunks(shards, cfg.data.chunk_rows):
         ids, prompts = read_prompts(chunk, cfg.data)
+    warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
 
 A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
 it, so memory stays bounded whatever the shard's size.
@@ -12,16 +13,21 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ def resolve_shards(data_cfg) -> list[Shard]:
             raise PipelineError(
                 f"{path}: no column {col!r} (columns: {', '.join(schema.names)}); set data.prompt_column"
             )
-        if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
+        if not _is_string_like(schema.field(col).type):
             raise PipelineError(f"{path}: column {col!r} holds {schema.field(col).type}, not strings")
         shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names))
     return shards
@@ -134,7 +140,70 @@ def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list[str]]:
             )
     if shard.has_id_column:
         ids = [str(v) for v in table.column(data_cfg.id_column).to_pylist()]
-    else:
-        stem = Path(shard.path).stem
-        ids = [f"{stem}:{chunk.start + i}" for i in range(len(prompts))]
+    else:  # the shard's name, not the file stem: en/train.parquet and de/train.parquet must not collide
+        ids = [f"{shard.name}:{chunk.start + i}" for i in range(len(prompts))]
     return ids, prompts
+
+
+def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
+    """(rows whose id an earlier row already has, one such id) over every shard with an id column.
+
+    Generated ids (``<shard name>:<row>``) are unique by construction and are not read. Ids are
+    compared as the strings ``read_prompts`` writes.
+    """
+    from pandas.util import hash_array  # pandas comes with datasets
+
+    # One uint64 hash per row, read a row group at a time: 8 bytes a row (a set of Python strings
+    # costs ~10x that), sorted once at the end. Two distinct ids share a hash with probability
+    # about rows^2 / 2^65 (3e-4 for 10^8 rows), and the result only feeds a warning.
+    hashes: list[np.ndarray] = []
+    where: list[tuple[Shard, int, int]] = []  # (shard, first row, rows) of each hashes[] entry
+    for shard in (s for s in shards if s.has_id_column):
+        pf, row = _open(shard.path), 0
+        for g in range(pf.metadata.num_row_groups):
+            ids = _id_strings(pf.read_row_group(g, columns=[data_cfg.id_column]).column(0))
+            hashes.append(hash_array(ids, categorize=False))
+            where.append((shard, row, len(ids)))
+            row += len(ids)
+    if not hashes:
+        return 0, None
+    flat = np.concatenate(hashes)
+    ordered = np.sort(flat)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if not len(repeated):
+        return 0, None
+    first = int(np.argmax(np.isin(flat, repeated)))  # the first row whose id occurs again later
+    offsets = np.cumsum([n for _, _, n in where])
+    k = int(np.searchsorted(offsets, first, side="right"))  # the row group that holds it
+    shard, row = where[k][0], where[k][1] + first - int(offsets[k] - where[k][2])
+    example = _id_strings(read_rows(shard.path, row, row + 1, [data_cfg.id_column]).column(0))[0]
+    return len(repeated), example
+
+
+def _id_strings(column: pa.ChunkedArray) -> np.ndarray:
+    """The ids as read_prompts writes them (``str(value)``, so a null is 'None'), as an object array."""
+    t = column.type
+    if pa.types.is_dictionary(t):
+        column, t = column.cast(t.value_type), t.value_type
+    if _is_string_like(t) or pa.types.is_integer(t):  # Arrow's cast gives str()'s text for these
+        column = pc.fill_null(column.cast(pa.large_string()), "None")
+        return column.to_numpy(zero_copy_only=False)
+    return np.array([str(v) for v in column.to_pylist()], dtype=object)
+
+
+def _is_string_like(t: pa.DataType) -> bool:
+    """string, large_string, string_view (pyarrow >= 16), or a dictionary of one of them (what a
+    pandas categorical becomes): every type whose ``to_pylist`` gives Python str."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    is_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
+
+
+def warn_duplicate_ids(shards: list[Shard], data_cfg) -> None:
+    """One warning, with a count, when ids repeat within a run (they are kept: no row is dropped)."""
+    n, example = find_duplicate_ids(shards, data_cfg)
+    if n:
+        log.warning("data: %d row(s) share an id with an earlier row (e.g. %r); ids are kept as they are, so "
+                    "outputs cannot be joined back by id alone: set data.id_column to a column whose values "
+                    "are unique", n, example)

@@ -38,6 +38,8 @@ def print_summary(results, world_size: int = 1) -> None:
             from pipeline.extract import padding_fraction
 
             line += f", padding {100 * padding_fraction(r.stats):.1f}%"
+        if r.stats.get("error_rows"):
+            line += f", {r.stats['error_rows']} row(s) not extracted (see the 'error' column)"
         if r.stats.get("bad_rows"):
             line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
         lines.append(line + f"\n  output: {r.out_dir} ({r.rows_in_output}/{r.rows_planned} rows finished)")

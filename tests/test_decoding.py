@@ -130,11 +130,11 @@ def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
 
     trunk = load_extract_model(cfg, torch.device("cpu"))
     ids = render_and_tokenize(tokenizer, ["a", "bb bb", "ccc ccc ccc", "dddd", "e e e e e e"])
-    expected, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
+    expected, _, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
     rec = Recorder(trunk, oom_above=1)  # trunk is the decoder body itself
     try:
         with caplog.at_level(logging.WARNING, logger="pipeline"):
-            got, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
+            got, _, _ = extract_vectors(trunk, ids, max_batch_tokens=1 << 20, pad_id=tokenizer.pad_token_id)
     finally:
         rec.handle.remove()
     assert all(rows == 1 for rows, _ in rec.calls)
