@@ -164,6 +164,28 @@ def test_growable_layer_behaves_like_dynamic_layer():
     torch.testing.assert_close(grow.values, ref.values)
 
 
+def test_growable_layer_grows_keys_and_values_together(monkeypatch):
+    """An OOM while growing the values' buffer must not leave the keys' buffer grown alone."""
+    from pipeline.kvcache import GrowableLayer
+
+    layer, k, big = GrowableLayer(), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 100, 4)
+    layer.update(k, k + 1)
+    grow, calls = GrowableLayer._grow, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected")
+        return grow(*args)
+    monkeypatch.setattr(GrowableLayer, "_grow", staticmethod(flaky))
+    with pytest.raises(torch.OutOfMemoryError):
+        layer.update(big, big + 1)
+    assert layer._k.shape == layer._v.shape
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, k + 1)
+    layer.update(big, big + 1)
+    assert torch.equal(layer.keys, torch.cat([k, big], 2)) and torch.equal(layer.values, torch.cat([k, big], 2) + 1)
+
+
 def test_sampling_runs_and_respects_the_cap(merged, tokenizer, cfg, vectors):
     import copy
 
