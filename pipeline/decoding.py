@@ -23,6 +23,9 @@ not ``inputs_embeds``. Here:
   the decoded text contains the stop string, as ``generate(do_sample=False)`` does.
 - **OOM halving.** A CUDA out-of-memory error halves the batch: rows in flight are put back in the
   queue (decoding is deterministic, so they restart with identical results) and nothing is lost.
+  For that, a step (decoder body, LM head, choice of the next tokens) is one unit: on any error the
+  cache is cropped back and the batch is left as it was. Admission, eviction and compaction allocate
+  everything before they change anything.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from collections.abc import Hashable, Iterable, Iterator
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from pipeline.kvcache import keep_columns
 from pipeline.prefix import SharedPrefix, supports_cascade
 from pipeline.verbalizer import normalize_to
 
@@ -175,40 +179,57 @@ class Decoder:
         """Add new rows below the batch. They are never longer than the batch's rows (those hold the
         same prefix and suffix plus generated tokens), so their missing columns become masked holes."""
         width, cols = batch.mask.shape[1], new.mask.shape[1]
-        for layer in batch.cache.layers:  # allocate everywhere first: an OOM here changes nothing
+        # Allocate everything first: an OOM up to here changes nothing.
+        mask = torch.cat([batch.mask, torch.nn.functional.pad(new.mask, (0, width - cols))])
+        history = torch.cat([batch.history, new.history])
+        for layer in batch.cache.layers:
             layer.reserve_rows(len(batch) + len(new))
-        for layer, fresh in zip(batch.cache.layers, new.cache.layers):
+        for layer, fresh in zip(batch.cache.layers, new.cache.layers):  # copies into reserved rows
             layer.append_rows(fresh.keys, fresh.values)
-        batch.mask = torch.cat([batch.mask, torch.nn.functional.pad(new.mask, (0, width - cols))])
+        batch.mask, batch.history = mask, history
         batch.rows += new.rows
         batch.tokens += new.tokens
-        batch.history = torch.cat([batch.history, new.history])
         batch.positions += new.positions
         return batch
 
     def _step(self, batch: _Batch) -> None:
-        """One decode step for every row in the batch."""
-        before = batch.mask.shape[1]
+        """One decode step for every row in the batch.
+
+        Body, head and choice are one unit. The body appends this step's keys and values to the
+        cache; if anything fails before the step is committed, they are cropped off again and the
+        batch is as it was, so a retry (after OOM halving) decodes exactly as if nothing had failed.
+        """
+        lengths = [layer.get_seq_length() for layer in batch.cache.layers]
+        try:
+            mask, at, nxt, chosen = self._next_tokens(batch)
+        except BaseException:  # OOM or not (even an interrupt): undo, then let the error go on
+            for layer, length in zip(batch.cache.layers, lengths):
+                if layer.get_seq_length() > length:
+                    layer.crop(length - layer.get_seq_length())
+            raise
+        # Commit. Nothing here allocates: the history is written in place.
+        batch.history.scatter_(1, at, nxt.unsqueeze(1))
+        batch.mask = mask
+        for row, t in enumerate(chosen):
+            batch.tokens[row].append(t)
+            batch.positions[row] += 1
+
+    def _next_tokens(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """The step's work; of the batch it changes only the cache (this step's keys and values).
+
+        Returns the widened mask [rows, cols + 1], each row's new history column [rows, 1] and the
+        new tokens [rows], also as a list (which waits for the device, so errors surface here).
+        """
         ids = torch.tensor([[t[-1]] for t in batch.tokens], device=self.device)
         mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
         positions = torch.tensor(batch.positions, device=self.device).unsqueeze(1)
-        try:
-            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
-                               **self.prefix.kw(batch.cache)).last_hidden_state
-        except OOM_ERRORS:
-            for layer in batch.cache.layers:  # layers that already appended this step's keys give them back
-                extra = layer.get_seq_length() - before
-                if extra > 0:
-                    layer.crop(-extra)
-            raise
-        batch.mask = mask
+        hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           **self.prefix.kw(batch.cache)).last_hidden_state
         lengths = [len(t) for t in batch.tokens]
         nxt = self._choose(self.head(hidden[:, -1]).float(), batch.history[:, : max(lengths)])
         # Every row has fewer than max_new_tokens tokens here (rows that reach it retire each step).
-        batch.history.scatter_(1, torch.tensor(lengths, device=self.device).unsqueeze(1), nxt.unsqueeze(1))
-        for row, t in enumerate(nxt.tolist()):
-            batch.tokens[row].append(t)
-            batch.positions[row] += 1
+        at = torch.tensor(lengths, device=self.device).unsqueeze(1)
+        return mask, at, nxt, nxt.tolist()
 
     def _choose(self, logits: torch.Tensor, history: torch.Tensor | None) -> torch.Tensor:
         """Next token per row [rows]: repetition penalty over each row's generated tokens, then argmax
@@ -256,15 +277,25 @@ class Decoder:
         if len(keep) == len(batch):
             return done
         self._keep(batch, keep)
-        used = batch.mask.any(dim=0)
-        # Columns that every remaining row masks are dropped once they are a quarter of the cache:
-        # dropping copies the whole cache, so it is not worth doing for one column at a time.
-        if len(keep) and (~used).sum() * 4 > used.numel():
-            cols = used.nonzero().squeeze(1)
-            batch.mask = batch.mask[:, cols]
-            for layer in batch.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
+        if len(keep):
+            self._compact(batch)
         return done
+
+    def _compact(self, batch: _Batch) -> None:
+        """Drop the cache columns that every row masks, once they are a quarter of the cache:
+        dropping moves the whole cache, so it is not worth doing for one column at a time."""
+        try:
+            used = batch.mask.any(dim=0)
+            if (~used).sum() * 4 <= used.numel():
+                return
+            cols = used.nonzero().squeeze(1)
+            mask = batch.mask[:, cols]
+            keep_columns(batch.cache, cols)  # allocates first: an OOM leaves the cache as it was
+        except OOM_ERRORS:
+            # Compaction is only an economy: the holes stay masked, and the next retirement retries.
+            log.debug("out of memory while compacting the cache: skipped")
+            return
+        batch.mask = mask
 
     def _keep(self, batch: _Batch, keep: list[int]) -> None:
         """Keep the rows ``keep``; the last survivors move into the freed slots, so the cache copies
@@ -273,11 +304,11 @@ class Decoder:
         fillers = iter([r for r in keep if r >= n])
         keep = [r if r in kept else next(fillers) for r in range(n)]
         index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        batch.cache.batch_select_indices(index)
-        batch.mask = batch.mask[index]
+        mask, history = batch.mask[index], batch.history[index]  # allocated before anything moves
+        batch.cache.batch_select_indices(index)  # every moved row comes from beyond n: moved in place
+        batch.mask, batch.history = mask, history
         batch.rows = [batch.rows[i] for i in keep]
         batch.tokens = [batch.tokens[i] for i in keep]
-        batch.history = batch.history[index]
         batch.positions = [batch.positions[i] for i in keep]
 
     def _halve(self, batch: _Batch | None, queue: deque, admitted: list[int]) -> _Batch | None:

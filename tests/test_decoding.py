@@ -164,6 +164,28 @@ def test_growable_layer_behaves_like_dynamic_layer():
     torch.testing.assert_close(grow.values, ref.values)
 
 
+def test_growable_layer_grows_keys_and_values_together(monkeypatch):
+    """An OOM while growing the values' buffer must not leave the keys' buffer grown alone."""
+    from pipeline.kvcache import GrowableLayer
+
+    layer, k, big = GrowableLayer(), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 100, 4)
+    layer.update(k, k + 1)
+    grow, calls = GrowableLayer._grow, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected")
+        return grow(*args)
+    monkeypatch.setattr(GrowableLayer, "_grow", staticmethod(flaky))
+    with pytest.raises(torch.OutOfMemoryError):
+        layer.update(big, big + 1)
+    assert layer._k.shape == layer._v.shape
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, k + 1)
+    layer.update(big, big + 1)
+    assert torch.equal(layer.keys, torch.cat([k, big], 2)) and torch.equal(layer.values, torch.cat([k, big], 2) + 1)
+
+
 def test_sampling_runs_and_respects_the_cap(merged, tokenizer, cfg, vectors):
     import copy
 
@@ -182,3 +204,166 @@ def test_cascade_is_refused_without_the_attention_that_takes_it(tiny_model_dir):
     with pytest.raises(ValueError, match="sdpa_gqa"):
         SharedPrefix(trunk, input_ids=[151644, 8948], cascade=True)
     assert SharedPrefix(trunk, input_ids=[151644, 8948]).ids == [151644, 8948]
+
+
+# --- a fault anywhere in a step is rolled back --------------------------------------------------------
+
+
+def _fault(nth: int, accept, error=torch.OutOfMemoryError):
+    """A check(*args) that raises ``error`` on the ``nth`` call for which ``accept(*args)`` holds, once."""
+    seen = [0]
+
+    def check(*args):
+        if accept(*args):
+            seen[0] += 1
+            if seen[0] == nth:
+                raise error("injected")
+    return check
+
+
+def _in_body(decoder, merged, monkeypatch):
+    # The final norm runs after every layer has appended this step's keys and values.
+    check = _fault(5, lambda h: h.shape[1] == 1 and h.shape[0] > 3)
+    return merged.model.norm.register_forward_pre_hook(lambda m, args: check(args[0])).remove
+
+
+def _in_head(decoder, merged, monkeypatch):
+    check = _fault(6, lambda x: x.shape[0] > 3)  # admissions count too: the first call is one
+    return merged.get_output_embeddings().register_forward_hook(lambda m, args, out: check(args[0])).remove
+
+
+def _in_choice(decoder, merged, monkeypatch):
+    choose, check = decoder._choose, _fault(4, lambda logits, history: history is not None and len(logits) > 3)
+
+    def flaky(logits, history):
+        nxt = choose(logits, history)  # the choice is made (and the logits penalized), then lost
+        check(logits, history)
+        return nxt
+    monkeypatch.setattr(decoder, "_choose", flaky)
+    return lambda: None
+
+
+def _in_admission(decoder, merged, monkeypatch):
+    """The LM head fails while a refill is prefilled (the batch is not empty)."""
+    admit, state = decoder._admit, {"refill": False}
+
+    def admitting(batch, rows, vectors):
+        state["refill"] = batch is not None and len(batch) > 0
+        try:
+            return admit(batch, rows, vectors)
+        finally:
+            state["refill"] = False
+    monkeypatch.setattr(decoder, "_admit", admitting)
+    check = _fault(1, lambda x: state["refill"])
+    return merged.get_output_embeddings().register_forward_hook(lambda m, args, out: check(args[0])).remove
+
+
+def _in_merge(decoder, merged, monkeypatch):
+    """Joining the batch runs out of memory concatenating the generated-token history."""
+    cat, width = torch.cat, decoder.gcfg.max_new_tokens
+    check = _fault(1, lambda ts: ts[0].dtype == torch.long and ts[0].dim() == 2 and ts[0].shape[1] == width)
+
+    def flaky(tensors, *args, **kwargs):
+        check(tensors)
+        return cat(tensors, *args, **kwargs)
+    monkeypatch.setattr(torch, "cat", flaky)
+    return lambda: None
+
+
+# Rows picked to be short (no row runs to max_new_tokens) but of mixed lengths, so batches refill.
+@pytest.mark.parametrize("inject, rows, max_rows", [
+    (_in_body, list(range(10)), 6),
+    (_in_head, [0, 1, 2, 3, 8, 10, 11, 17], 8),
+    (_in_choice, list(range(4, 14)), 6),
+    (_in_admission, [10, 11, 12, 13, 14, 16, 18, 19, 20, 21], 6),
+    (_in_merge, [26, 27, 28, 29, 30, 32, 33, 34, 35, 36], 6),
+], ids=["body", "head", "choice", "admission", "merge"])
+def test_an_out_of_memory_error_anywhere_in_a_step_changes_nothing(
+        inject, rows, max_rows, merged, tokenizer, cfg, vectors, reference, monkeypatch):
+    """The batch is halved and retried; every text is still the card's one-at-a-time text."""
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=max_rows)
+    remove = inject(decoder, merged, monkeypatch)
+    try:
+        got = decoder.run(vectors[rows])
+    finally:
+        remove()
+    assert decoder.max_rows == max_rows // 2
+    assert texts(tokenizer, cfg, got) == [card_text(tokenizer, reference[i]) for i in rows]
+
+
+def _snapshot(batch):
+    layers = [(layer.keys.clone(), layer.values.clone()) for layer in batch.cache.layers]
+    return (batch.mask.clone(), batch.history.clone(), [list(t) for t in batch.tokens], list(batch.positions),
+            list(batch.rows), layers)
+
+
+def _assert_same(a, b):
+    (mask, history, tokens, positions, rows, layers), (mask2, history2, tokens2, positions2, rows2, layers2) = a, b
+    assert torch.equal(mask, mask2) and torch.equal(history, history2)
+    assert (tokens, positions, rows) == (tokens2, positions2, rows2)
+    assert len(layers) == len(layers2)
+    for (k, v), (k2, v2) in zip(layers, layers2):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, ValueError])
+def test_a_failed_step_leaves_the_batch_as_it_was(error, merged, tokenizer, cfg, vectors):
+    """Any error in the LM head (after the body appended this step's K/V) is undone and propagates."""
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=4)
+    with torch.inference_mode():
+        batch, twin = (decoder._admit(None, [0, 1, 2], vectors[:3]) for _ in range(2))
+        decoder._step(batch)
+        decoder._step(twin)
+        before = _snapshot(batch)
+        check = _fault(1, lambda x: True, error)
+        handle = merged.get_output_embeddings().register_forward_hook(lambda m, args, out: check(args[0]))
+        try:
+            with pytest.raises(error, match="injected"):
+                decoder._step(batch)
+        finally:
+            handle.remove()
+        _assert_same(_snapshot(batch), before)
+        decoder._step(batch)  # and the retried step is the step that never failed
+        decoder._step(twin)
+        _assert_same(_snapshot(batch), _snapshot(twin))
+
+
+class _NoMemory:
+    """Stands for a tensor whose indexing runs out of memory."""
+
+    def __getitem__(self, index):
+        raise torch.OutOfMemoryError("injected")
+
+
+def test_eviction_and_compaction_allocate_before_they_move_anything(merged, tokenizer, cfg, vectors, monkeypatch,
+                                                                      caplog):
+    prompt = build_prompt(tokenizer, cfg.verbalizer, 73)
+    decoder = Decoder(merged, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=4)
+    with torch.inference_mode():
+        batch = decoder._admit(None, [0, 1, 2, 3], vectors[:4])
+        decoder._step(batch)
+        before, history = _snapshot(batch), batch.history
+        batch.history = _NoMemory()
+        with pytest.raises(torch.OutOfMemoryError):
+            decoder._keep(batch, [0, 3])  # row 3 would move into slot 1
+        batch.history = history
+        _assert_same(_snapshot(batch), before)
+
+        batch.mask[:, : batch.mask.shape[1] // 2] = 0  # half the columns are holes for every row
+        before = _snapshot(batch)
+
+        def no_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("injected")
+        with monkeypatch.context() as patch, caplog.at_level(logging.DEBUG, logger="pipeline"):
+            patch.setattr(torch.Tensor, "new_empty", no_memory)
+            decoder._compact(batch)  # compaction is an economy: skipped, and nothing changed
+        _assert_same(_snapshot(batch), before)
+        assert "compact" in caplog.text
+
+        decoder._compact(batch)
+        cols = before[0].any(dim=0).nonzero().squeeze(1)
+        assert torch.equal(batch.mask, before[0][:, cols])
+        for layer, (k, v) in zip(batch.cache.layers, before[-1]):
+            assert torch.equal(layer.keys, k[:, :, cols]) and torch.equal(layer.values, v[:, :, cols])
