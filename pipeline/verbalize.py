@@ -164,8 +164,10 @@ class VerbalizeStage:
 
     def shard_info(self, shard_name: str, units: list[Unit]) -> dict | None:
         """The shard's full extent, from extract's marker: the plan may have been listed while
-        extract was still writing the shard, so its own units are not the whole shard."""
-        return self.inp.shard_marker(shard_name)
+        extract was still writing the shard, so its own units are not the whole shard. None while
+        extract's marker, with its counts, is missing."""
+        marker = self.inp.shard_marker(shard_name)
+        return marker if marker and "chunks" in marker and "rows" in marker else None
 
     def settings(self) -> dict:
         cfg = self.cfg

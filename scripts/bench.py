@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     shard.mkdir(parents=True)
     write_activations(shard / "chunk_00000.arrow", [f"r{i}" for i in range(len(vectors))], vectors,
                       [0] * len(vectors), {})
-    (shard / "_COMPLETE").write_text("{}")
+    (shard / "_COMPLETE").write_text(json.dumps({"chunks": 1, "rows": len(vectors)}))
     cfg.verbalize.input_dir = str(work / "acts")
     prompt = build_prompt(tokenizer, cfg.verbalizer, depth_percent(cfg.extract.layer, mcfg.num_hidden_layers))
     card_vecs = torch.from_numpy(vectors[: args.card_verbalize_rows].copy())

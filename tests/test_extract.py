@@ -283,7 +283,7 @@ def test_verbalize_gives_an_extract_error_row_an_error_and_no_generation(tmp_pat
     })
     with pa.OSFile(str(shard / "chunk_00000.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
-    (shard / "_COMPLETE").write_text("{}")
+    (shard / "_COMPLETE").write_text(json.dumps({"chunks": 1, "rows": 4}))
     assert run_verbalize(tmp_path, tmp_path / "acts") == 0
     rows, _ = read_explanations(tmp_path / "verbalize")
     assert [r["id"] for r in rows] == ["v0", "bad", "v1", "v2"]
