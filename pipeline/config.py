@@ -38,6 +38,8 @@ class ModelConfig:
     attn_implementation: str = _f("auto", "auto (CPU: sdpa_gqa, CUDA: sdpa), sdpa_gqa (grouped-KV SDPA + shared-prefix "
                                   "attention, pipeline/attention.py) or any from_pretrained value: sdpa|eager|flash_attention_2")
     allow_adapter_base_mismatch: bool = _f(False, "load an adapter whose recorded base differs from model.base")
+    reconstructor: str | None = _f(None, "activation reconstructor (AR) for stage 3 (score): HF id, local directory, "
+                                   "or builtin:tiny-ar; null means run has no score stage")
 
 
 @dataclass
@@ -92,6 +94,26 @@ class VerbalizeConfig:
 
 
 @dataclass
+class ReconstructorConfig:
+    prompt_template: str | None = _f(None, "AR prompt with {explanation} once; null: the checkpoint's nla_meta.yaml, "
+                                     "else the release's 'Summary of the following text: <text>{explanation}</text> <summary>'")
+    add_special_tokens: bool = _f(True, "add_special_tokens when encoding the AR prompt")
+    layer: int | None = _f(None, "decoder layer whose output the AR reads; null: nla_meta.yaml, else the AR's last "
+                           "layer (value head) or extract.layer (LoRA)")
+    mse_scale: float | None = _f(None, "norm both vectors are scaled to before the MSE; null: nla_meta.yaml "
+                                 "extraction.mse_scale, else sqrt(d_model)")
+
+
+@dataclass
+class ScoreConfig:
+    input_dir: str | None = _f(None, "explanation files to score; null means verbalize.output_dir")
+    output_dir: str = _f("outputs/score", "where score Parquet files and _summary.json are written")
+    max_batch_tokens: int = _f(8192, "token budget per AR forward pass, padding included")
+    fve_baseline: float | None = _f(None, "FVE denominator; null: the predict-the-mean error of the scored vectors")
+    keep_reconstruction: bool = _f(False, "also write each predicted vector (column 'reconstruction')")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -99,6 +121,8 @@ class Config:
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
+    reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     log_level: str = _f("INFO", "logging level for the console and the per-rank log files")
 
     def to_dict(self) -> dict:
@@ -107,6 +131,10 @@ class Config:
     @property
     def verbalize_input_dir(self) -> str:
         return self.verbalize.input_dir or self.extract.output_dir
+
+    @property
+    def score_input_dir(self) -> str:
+        return self.score.input_dir or self.verbalize.output_dir
 
 
 def _check_type(value, tp, key: str):
@@ -201,17 +229,21 @@ def _validate(cfg: Config) -> None:
             raise PipelineError(f"config key {key}: {value!r} is not one of {'|'.join(allowed)}")
     for key, value in (("data.chunk_rows", cfg.data.chunk_rows), ("extract.max_batch_tokens", cfg.extract.max_batch_tokens),
                        ("verbalize.batch_size", cfg.verbalize.batch_size),
+                       ("score.max_batch_tokens", cfg.score.max_batch_tokens),
                        ("generation.max_new_tokens", cfg.generation.max_new_tokens)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
     # Each stage owns its directory (fingerprint, markers, --overwrite): two stages must not share one.
-    dirs = {"extract.output_dir": cfg.extract.output_dir, "verbalize.output_dir": cfg.verbalize.output_dir}
-    if cfg.verbalize.input_dir:
-        dirs["verbalize.input_dir"] = cfg.verbalize.input_dir
+    dirs = {"extract.output_dir": cfg.extract.output_dir, "verbalize.output_dir": cfg.verbalize.output_dir,
+            "score.output_dir": cfg.score.output_dir}
+    for key, value in (("verbalize.input_dir", cfg.verbalize.input_dir), ("score.input_dir", cfg.score.input_dir)):
+        if value:
+            dirs[key] = value
+    reads = {("extract.output_dir", "verbalize.input_dir"), ("verbalize.output_dir", "score.input_dir")}
     seen: dict[str, str] = {}
     for key, value in dirs.items():
         path = os.path.abspath(os.path.expanduser(value))
-        if path in seen and {key, seen[path]} != {"extract.output_dir", "verbalize.input_dir"}:
+        if path in seen and (seen[path], key) not in reads:
             raise PipelineError(f"config keys {seen[path]} and {key} name the same directory {value!r}; "
                                 "give each stage its own output directory")
         seen.setdefault(path, key)
