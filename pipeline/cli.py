@@ -1,8 +1,9 @@
-"""Command line: ``nla-pipeline {extract,verbalize,run,status} --config FILE [key=value ...]``.
+"""Command line: ``nla-pipeline {extract,verbalize,score,run,status} --config FILE [key=value ...]``.
 
     nla-pipeline run --config configs/tiny.yaml                 # offline demo, CPU
     nla-pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml model.dtype=float32
     nla-pipeline verbalize --config configs/qwen2.5-7b-l20-av-v2.yaml --overwrite
+    nla-pipeline score --config configs/tiny.yaml
     accelerate launch --num_processes 8 -m pipeline run --config configs/qwen2.5-7b-l20-av-v2.yaml
 
 Every PipelineError becomes one line on stderr and exit status 1; nothing else is caught.
@@ -21,7 +22,8 @@ log = logging.getLogger("pipeline.cli")
 COMMANDS = {
     "extract": "stage 1: prompts -> layer activations (Arrow)",
     "verbalize": "stage 2: activations -> explanations (Parquet)",
-    "run": "extract, then verbalize",
+    "score": "stage 3: explanations -> reconstructed vectors, cosine and FVE (Parquet)",
+    "run": "extract, then verbalize, then score when model.reconstructor is set",
     "status": "chunks done and pending, per stage",
 }
 
@@ -62,19 +64,24 @@ def _dispatch(args) -> int:
         if logging.getLogger("pipeline").handlers:
             log.error("%s", e)
         return 1
+    finally:
+        rt.close()
 
 
 def _resolve_models(cfg, command: str) -> None:
     from pipeline.modeling import resolve_source
 
     resolve_source(cfg.model.base, "model.base")
-    if cfg.model.adapter and command != "extract":
+    if cfg.model.adapter and command in ("verbalize", "run"):
         resolve_source(cfg.model.adapter, "model.adapter")
+    if cfg.model.reconstructor and command in ("score", "run"):
+        resolve_source(cfg.model.reconstructor, "model.reconstructor")
 
 
 def _run(args, cfg, rt) -> int:
     from pipeline.driver import run_pipeline, run_stage
     from pipeline.extract import ExtractStage
+    from pipeline.score import ScoreStage
     from pipeline.verbalize import VerbalizeStage
 
     # Rank 0 builds (builtin:) or downloads the models first, then the others find them in place.
@@ -85,10 +92,12 @@ def _run(args, cfg, rt) -> int:
     with rt.together("setting up"):
         if not rt.is_main:
             _resolve_models(cfg, args.command)
-        stages = {"extract": ExtractStage, "verbalize": VerbalizeStage}
-        made = [stages[name](cfg, rt) for name in (("extract", "verbalize") if args.command == "run" else (args.command,))]
+        stages = {"extract": ExtractStage, "verbalize": VerbalizeStage, "score": ScoreStage}
+        names = [args.command] if args.command != "run" else ["extract", "verbalize"] + (
+            ["score"] if cfg.model.reconstructor else [])
+        made = [stages[name](cfg, rt) for name in names]
     if args.command == "run":
-        results = run_pipeline(*made, cfg, rt, overwrite=args.overwrite)
+        results = run_pipeline(*made[:2], cfg, rt, overwrite=args.overwrite, score_stage=(made[2:] or [None])[0])
     else:
         results = [run_stage(made[0], cfg, rt, overwrite=args.overwrite)]
     if rt.is_main:

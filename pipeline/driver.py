@@ -11,8 +11,10 @@ if there is work) and ``process(unit, progress, prepared)`` (write one chunk ato
 stats; ``progress(n)``, when given, is called as rows finish). A stage may also offer
 ``prepare(unit)`` (read and tokenize), which the driver runs one unit ahead in a background thread,
 and ``process_stream(units_and_prepared, progress)``, a generator of (unit, stats) that may work on
-several units at once (verbalize keeps its decoder full across chunk boundaries). The driver sets
-``stage.fingerprint`` before ``setup()``. It owns the rest.
+several units at once (verbalize keeps its decoder full across chunk boundaries), ``shared`` (what
+its ``plan()`` computed that every rank needs: score's FVE baseline) and ``finish(units)`` (called
+on each rank after its work has landed: score writes its summary there). The driver sets
+``stage.fingerprint`` (and ``stage.shared``) before ``setup()``. It owns the rest.
 
 Work split, independent of timing: rank 0 alone lists the work (``plan()``), wipes on
 ``--overwrite`` and checks the fingerprint; every rank receives that one plan and takes
@@ -180,6 +182,7 @@ def process_units(stage, cfg, rt, units: list[Unit], mine: list[Unit]) -> StageR
                 for k, v in stats.items():
                     result.stats[k] = result.stats.get(k, 0) + v
                 progress.chunk_done(unit)
+                rt.test_hook("chunk_delay")
                 left[unit.shard] -= 1
                 if not left[unit.shard]:  # this rank's last chunk of the shard: can the shard be marked?
                     stage.out.flush()
@@ -197,6 +200,8 @@ def process_units(stage, cfg, rt, units: list[Unit], mine: list[Unit]) -> StageR
     _mark_complete(stage, {s: us for s, us in all_shards.items() if s in mine_shards}, listing)
     result.rows_planned = sum(u.num_rows for u in units)
     result.rows_in_output = sum(u.num_rows for u in units if stage.out.chunk_name(u.index) in listing[u.shard])
+    if hasattr(stage, "finish"):
+        stage.finish(units)
     if pending:
         log.info("%s: rank %d wrote %d row(s) in %d chunk(s) in %.1fs (%.1f rows/s)", stage.name, rt.rank,
                  result.rows, result.chunks, result.seconds, result.rows_per_s)
@@ -247,15 +252,18 @@ def run_stage(stage, cfg, rt, overwrite: bool = False) -> StageResult:
 
     def plan():
         units = stage.plan()  # inputs are checked before anything is wiped
-        return units, prepare_output(stage, cfg, overwrite)
+        return units, prepare_output(stage, cfg, overwrite), getattr(stage, "shared", None)
 
-    units, stage.fingerprint = _on_main(rt, f"planning {stage.name}", plan)
+    units, stage.fingerprint, stage.shared = _on_main(rt, f"planning {stage.name}", plan)
     return process_units(stage, cfg, rt, units, units[rt.rank :: rt.world_size])
 
 
-def run_pipeline(extract_stage, verbalize_stage, cfg, rt, overwrite: bool = False) -> list[StageResult]:
-    """Both stages with one split of the work: a rank verbalizes exactly the chunks it extracts
-    (or finds extracted), so no rank ever waits for another between the stages."""
+def run_pipeline(extract_stage, verbalize_stage, cfg, rt, overwrite: bool = False,
+                 score_stage=None) -> list[StageResult]:
+    """Extract and verbalize with one split of the work: a rank verbalizes exactly the chunks it
+    extracts (or finds extracted), so no rank waits for another between the two. Score, when given,
+    runs third; its FVE baseline needs every vector of the run, so it starts once every rank has
+    finished verbalizing (a collective that also ends every rank if one failed)."""
     rt.setup_logging(cfg.log_level, extract_stage.out.log_path(rt.rank))
 
     def plan():
@@ -267,6 +275,17 @@ def run_pipeline(extract_stage, verbalize_stage, cfg, rt, overwrite: bool = Fals
     units, (extract_stage.fingerprint, verbalize_stage.fingerprint) = _on_main(rt, "planning the run", plan)
     v_units = [verbalize_stage.unit_from_extract(u, extract_stage.out) for u in units]
     share = slice(rt.rank, None, rt.world_size)
-    first = process_units(extract_stage, cfg, rt, units, units[share])
-    second = process_units(verbalize_stage, cfg, rt, v_units, v_units[share])
-    return [first, second]
+    if score_stage is None:
+        return [process_units(extract_stage, cfg, rt, units, units[share]),
+                process_units(verbalize_stage, cfg, rt, v_units, v_units[share])]
+    with rt.together("extracting and verbalizing"):
+        results = [process_units(extract_stage, cfg, rt, units, units[share]),
+                   process_units(verbalize_stage, cfg, rt, v_units, v_units[share])]
+    s_units = [score_stage.unit_from_verbalize(u, verbalize_stage.out, extract_stage.out) for u in v_units]
+
+    def plan_score():
+        score_stage.shared = score_stage.baseline([u.source.activations for u in s_units])
+        return prepare_output(score_stage, cfg, overwrite), score_stage.shared
+
+    score_stage.fingerprint, score_stage.shared = _on_main(rt, "planning score", plan_score)
+    return results + [process_units(score_stage, cfg, rt, s_units, s_units[share])]

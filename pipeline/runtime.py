@@ -15,7 +15,8 @@ on a barrier until the process-group timeout.
 
 Tests inject faults through one environment variable, never set in real runs:
 ``NLA_PIPELINE_TEST_HOOK="delay_listing@1=3,fail_startup@1"`` makes rank 1 wait 3 s before it lists
-its finished chunks, and fail during start-up (see ``test_hook``).
+its finished chunks, and fail during start-up; ``chunk_delay@0=0.5`` makes rank 0 wait 0.5 s after
+each chunk it writes (see ``test_hook``).
 """
 from __future__ import annotations
 
@@ -79,6 +80,15 @@ class Runtime:
             raise PipelineError(f"rank {first} failed while {what}: {message}") from None
         raise PeerFailed(f"rank {first} failed while {what}: {message}") from error
 
+    def close(self) -> None:
+        """Leave the process group. A process that exits with it still open can abort at shutdown
+        ("terminate called without an active exception") while gloo's threads are alive."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (pickled; a plan of 40k chunks is a few MB)."""
         if self.world_size == 1:
@@ -98,6 +108,8 @@ class Runtime:
                 continue
             if name == "delay_listing":
                 log.info("test hook: rank %d waits %s s before listing its chunks", self.rank, value)
+                time.sleep(float(value))
+            elif name == "chunk_delay":  # a slow chunk, so a test can kill a fast stage midway
                 time.sleep(float(value))
             elif name == "fail_startup":
                 raise PipelineError(f"start-up failure injected by {TEST_HOOK}")

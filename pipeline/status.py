@@ -6,10 +6,13 @@
     verbalize  outputs/tiny/verbalize   1/3 chunks done (2 pending), 16/36 rows, 0/1 shards complete
 
 Each stage is planned from what it reads: extract from ``data.paths``, verbalize from the activation
-files in ``verbalize.input_dir`` (``extract.output_dir`` unless set). A chunk counts as done when its
+files in ``verbalize.input_dir`` (``extract.output_dir`` unless set), score (shown when
+``model.reconstructor`` is set) from the explanation files in ``score.input_dir``. A chunk counts as done when its
 file has a final name (one directory listing per shard); the next run also validates each file.
 """
 from __future__ import annotations
+
+import pyarrow.parquet as pq
 
 from pipeline.activations import count_rows
 from pipeline.driver import Unit
@@ -36,11 +39,18 @@ def collect_status(cfg) -> dict[str, dict]:
     chunks = plan_chunks(resolve_shards(cfg.data), cfg.data.chunk_rows)
     extract_units = [Unit(c.shard.name, c.index, c.num_rows, c) for c in chunks]
     verbalize_units = activation_units(StageDir(cfg.verbalize_input_dir, ".arrow", count_rows))
-    return {
+    status = {
         "extract": stage_status(StageDir(cfg.extract.output_dir, ".arrow"), extract_units),
         "verbalize": stage_status(StageDir(cfg.verbalize.output_dir, ".parquet"), verbalize_units)
                      | {"input_dir": cfg.verbalize_input_dir},
     }
+    if cfg.model.reconstructor or cfg.score.input_dir:
+        explanations = StageDir(cfg.score_input_dir, ".parquet")
+        score_units = [Unit(p.parent.name, int(p.stem.split("_")[1]), pq.ParquetFile(p).metadata.num_rows, p)
+                       for p in explanations.chunk_files()]
+        status["score"] = stage_status(StageDir(cfg.score.output_dir, ".parquet"), score_units) | {
+            "input_dir": cfg.score_input_dir}
+    return status
 
 
 def print_status(cfg) -> None:
@@ -48,8 +58,8 @@ def print_status(cfg) -> None:
         line = (f"{stage:<10} {s['dir']}  {s['chunks_done']}/{s['chunks']} chunks done "
                 f"({s['chunks'] - s['chunks_done']} pending), {s['rows_done']}/{s['rows']} rows, "
                 f"{s['shards_complete']}/{s['shards']} shards complete")
-        if stage == "verbalize" and not s["chunks"]:
-            line += f" (no activation files yet in {s['input_dir']})"
+        if stage != "extract" and not s["chunks"]:
+            line += f" (no {'activation' if stage == 'verbalize' else 'explanation'} files yet in {s['input_dir']})"
         if s["stray_tmp"]:
             line += f", {s['stray_tmp']} temporary file(s) from an interrupted run (removed by a later run)"
         print(line)

@@ -26,6 +26,25 @@ def _samples(out_dir: str, n: int = 3) -> list[tuple[str, str]]:
     return picked
 
 
+def _score_lines(out_dir: str) -> list[str]:
+    """Mean FVE, and the best and worst explanation, from score's _summary.json (once it exists)."""
+    import json
+    from pathlib import Path
+
+    path = Path(out_dir) / "_summary.json"
+    if not path.exists():
+        return ["  (the score summary is written once every chunk is scored)"]
+    s = json.loads(path.read_text(encoding="utf-8"))
+    if not s["rows_scored"]:
+        return [f"  no row could be scored ({s['rows_failed']} failed)"]
+    lines = [f"  mean FVE {s['fve_mean']:.3f} (median {s['fve_median']:.3f}), mean cosine {s['cosine_mean']:.3f}, "
+             f"{s['rows_scored']} scored, {s['rows_failed']} failed; baseline {s['fve_baseline']:.4f}"]
+    for label in ("best", "worst"):
+        row = s[label]
+        lines.append(f"  {label}: [{row['id']}] FVE {row['fve']:.3f} {row['explanation'][:140]!r}")
+    return lines
+
+
 def print_summary(results, world_size: int = 1) -> None:
     lines = []
     for r in results:
@@ -43,6 +62,8 @@ def print_summary(results, world_size: int = 1) -> None:
         if r.stats.get("bad_rows"):
             line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
         lines.append(line + f"\n  output: {r.out_dir} ({r.rows_in_output}/{r.rows_planned} rows finished)")
+        if r.stage == "score":
+            lines.extend(_score_lines(r.out_dir))
         if r.stage == "verbalize":
             for row_id, text in _samples(r.out_dir):
                 lines.append(f"  [{row_id}] {text[:160]!r}")

@@ -21,7 +21,8 @@ Useful FLOPs count only what the result needs: extract, layers 0..20 over real t
 plus causal attention), with the chat template's opening that every prompt shares (system block and
 user header, 24 tokens) counted once, since its keys and values do not depend on the rest;
 verbalize, the per-row suffix from the injection token on and every generated token through all
-layers and the LM head (the shared prefix is computed once and not counted).
+layers and the LM head (the shared prefix is computed once and not counted); score, layers 0..20
+over each rendered reconstructor template (its shared opening counted once) plus the value head.
 Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> is scaled by
 ``--eos-scale`` (see pipeline.tiny.build_tiny_model); rows then stop at varied lengths, like real
 explanations, and the report gives the distribution.
@@ -348,6 +349,28 @@ def main(argv=None) -> int:
         "card_same_rows_pipeline_tokens": sum(generated[: len(card_vecs)]),
         "prompt_tokens": len(prompt.token_ids), "prefix_tokens": prompt.inject_pos,
     }
+    del stage
+
+    # --- stage 3 ------------------------------------------------------------------------------
+    from pipeline.reconstructor import DEFAULT_TEMPLATE
+    from pipeline.score import ScoreStage
+    from pipeline.tiny import build_tiny_ar
+
+    ar_dir = build_tiny_ar(base_dir, Path(base_dir).with_name(Path(base_dir).name + "-ar"), layer=cfg.extract.layer)
+    cfg.model.reconstructor, cfg.score.output_dir = str(ar_dir), str(work / "score")
+    cfg.score.input_dir, cfg.score.max_batch_tokens = str(work / "verbalize"), args.max_batch_tokens
+    ar_texts = [DEFAULT_TEMPLATE.replace("{explanation}", t) for t in texts]
+    ar_lengths = [len(t) for t in tokenizer(ar_texts)["input_ids"]]
+    ar_prefix = len(tokenizer(DEFAULT_TEMPLATE.split("{explanation}")[0])["input_ids"])
+    (result, stage, mem), ceilings = with_ceiling(lambda: pipeline_stage(ScoreStage, cfg, rt, device))
+    report["score"] = {
+        "rows": result.rows, "seconds": result.seconds, "tokens": sum(ar_lengths), "peak_mem_gib": mem,
+        # layers 0..20 over each rendered template (its shared opening once), then the value head
+        "useful_flops": extract_flops(mcfg, cfg.extract.layer + 1, ar_lengths, ar_prefix)
+        + len(ar_lengths) * 2 * mcfg.hidden_size ** 2,
+        "ceilings": ceilings, "prefix_tokens": ar_prefix,
+        "tokens_p50_max": [int(np.percentile(ar_lengths, 50)), max(ar_lengths)],
+    }
     shutil.rmtree(work, ignore_errors=True)
     text = render(report, device, " ".join(["python", "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])]))
     write_report(Path(args.out), text, device)
@@ -366,8 +389,8 @@ def machine(device) -> str:
 
 
 def render(r: dict, device, command: str) -> str:
-    e, v = r["extract"], r["verbalize"]
-    e_ceil, v_ceil = (sum(x["ceilings"]) / len(x["ceilings"]) for x in (e, v))
+    e, v, sc = r["extract"], r["verbalize"], r["score"]
+    e_ceil, v_ceil, s_ceil = (sum(x["ceilings"]) / len(x["ceilings"]) for x in (e, v, sc))
     e_rps, e_card = e["rows"] / e["seconds"], e["card_rows"] / e["card_seconds"]
     v_rps, v_card = v["rows"] / v["seconds"], v["card_rows"] / v["card_seconds"]
     # The card's code is timed on a subset whose rows may be longer or shorter on average than the
@@ -388,7 +411,8 @@ def render(r: dict, device, command: str) -> str:
         f"- Matmul ceiling ({'4096' if device.type == 'cpu' else '8192'}² in {r['args']['dtype']}, timed here just before and "
         f"just after each stage's pipeline run; a stage's fraction uses the mean of its two): extract "
         f"{'/'.join(f'{c / 1e9:,.1f}' for c in e['ceilings'])}, verbalize "
-        f"{'/'.join(f'{c / 1e9:,.1f}' for c in v['ceilings'])} GFLOP/s",
+        f"{'/'.join(f'{c / 1e9:,.1f}' for c in v['ceilings'])}, score "
+        f"{'/'.join(f'{c / 1e9:,.1f}' for c in sc['ceilings'])} GFLOP/s",
         f"- Extract prompts: {e['rows']} rows, chat-templated length p50/p90/max = "
         f"{'/'.join(map(str, e['tokens_p50_p90_max']))} tokens, of which the first {e['prefix_tokens']} (system block and "
         f"user header) are the same in every row; the card's code timed on {e['card_rows']} of them, "
@@ -398,6 +422,10 @@ def render(r: dict, device, command: str) -> str:
         f"{r['args']['eos_scale']}): generated p10/p50/p90 = {'/'.join(map(str, v['generated_p10_p50_p90']))}, "
         f"{100 * v['finished_fraction']:.0f}% finished before the cap; the card's code timed on {v['card_rows']} of them, "
         f"whose text the pipeline reproduced exactly on {v['card_same_text']} of {v['card_rows']}.",
+        f"- Score: those {sc['rows']} explanations through a random value-head reconstructor (layers 0..20 of the bench "
+        f"model, value head {s['hidden_size']}x{s['hidden_size']}); the release's template, {sc['tokens_p50_max'][0]} "
+        f"tokens at the median, {sc['tokens_p50_max'][1]} at most, its first {sc['prefix_tokens']} shared. The card "
+        "has no reconstructor code, so there is no per-example row.",
         "",
         "| stage | way | rows/s | tokens/s | vs card (rows/s) | vs card (tokens/s) | useful FLOP/s | of ceiling | padding | peak memory |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -407,6 +435,9 @@ def render(r: dict, device, command: str) -> str:
         f"| verbalize | card, per example | {v_card:.3f} | {v['card_generated_tokens'] / v['card_seconds']:,.1f} | 1.0x | 1.0x | | | | |",
         f"| verbalize | pipeline | {v_rps:.3f} | {v['generated_tokens'] / v['seconds']:,.1f} | {v_rps / v_card:.1f}x | {v_tok:.1f}x | "
         f"{v['useful_flops'] / v['seconds'] / 1e9:,.1f} G | {100 * v_util:.0f}% | 0% | {v['peak_mem_gib']:.2f} GiB |",
+        f"| score | pipeline | {sc['rows'] / sc['seconds']:.2f} | {sc['tokens'] / sc['seconds']:,.0f} | | | "
+        f"{sc['useful_flops'] / sc['seconds'] / 1e9:,.1f} G | {100 * sc['useful_flops'] / sc['seconds'] / s_ceil:.0f}% | "
+        f"| {sc['peak_mem_gib']:.2f} GiB |",
         "",
         f"The card's extract code executes {e['card_flops'] / e['card_seconds'] / 1e9:,.1f} GFLOP/s here (all "
         "28 layers over every token, the LM head at the last one), "
@@ -414,7 +445,7 @@ def render(r: dict, device, command: str) -> str:
         f"the ceiling would be {e_ceil / (e['useful_flops'] / e['tokens']) / (e['card_tokens'] / e['card_seconds']):.1f}x "
         "the card in tokens/s.",
         "",
-        "tokens/s: prompt tokens for extract, generated tokens for verbalize. Peak memory: "
+        "tokens/s: prompt tokens for extract, generated tokens for verbalize, template tokens for score. Peak memory: "
         + ("torch.cuda.max_memory_allocated per stage." if device.type == "cuda" else
            "the process's resident high-water mark (ru_maxrss) after the stage, so it includes what came before."),
     ]

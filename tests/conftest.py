@@ -72,8 +72,9 @@ def write_parquet(path: Path, columns: dict, row_group_size: int | None = None) 
 
 
 def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
-    """key=value overrides that point both stages' outputs into tmp_path."""
-    items = {"extract.output_dir": str(tmp_path / "extract"), "verbalize.output_dir": str(tmp_path / "verbalize")}
+    """key=value overrides that point every stage's outputs into tmp_path."""
+    items = {"extract.output_dir": str(tmp_path / "extract"), "verbalize.output_dir": str(tmp_path / "verbalize"),
+             "score.output_dir": str(tmp_path / "score")}
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
 

@@ -196,7 +196,7 @@ def test_overwrite_deletes_only_what_the_stage_wrote(tmp_path, capsys):
     f = write_parquet(tmp_path / "in.parquet", {"prompt": ["hi", "there"]})
     out = tmp_path / "out"
     base = ["--config", TINY_CONFIG, f"data.paths=[{f}]", "generation.max_new_tokens=3",
-            f"extract.output_dir={out}", f"verbalize.output_dir={out / 'verbalize'}"]
+            f"extract.output_dir={out}", f"verbalize.output_dir={out / 'verbalize'}", f"score.output_dir={out / 'score'}"]
     assert main(["run", *base]) == 0
     (out / "README.txt").write_text("my notes")
     (out / "00000-in" / "plot.png").write_bytes(b"png")  # a user's file inside a shard directory

@@ -3,6 +3,7 @@
 Every run here is a real CLI subprocess with OMP_NUM_THREADS=1, so all runs compute bit-identical
 numbers and can be compared exactly with one uninterrupted single-process run.
 """
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,8 @@ def _argv(command, inputs, out, *extra, procs=1):
     launcher = [sys.executable, "-m", "pipeline"] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "pipeline"]
     return [*launcher, command, "--config", TINY_CONFIG, f"data.paths=[{inputs}/*.parquet]",
-            f"extract.output_dir={out}/extract", f"verbalize.output_dir={out}/verbalize", *SETTINGS, *extra]
+            f"extract.output_dir={out}/extract", f"verbalize.output_dir={out}/verbalize", f"score.output_dir={out}/score",
+            *SETTINGS, *extra]
 
 
 def cli(cache, command, inputs, out, *extra, procs=1, ok=True):
@@ -39,9 +41,10 @@ def cli(cache, command, inputs, out, *extra, procs=1, ok=True):
     return proc
 
 
-def kill_when(cache, command, inputs, out, pattern, count, *extra, procs=1):
+def kill_when(cache, command, inputs, out, pattern, count, *extra, procs=1, hook=None):
     """Start a run and SIGKILL it (its whole process group) once `count` files match `pattern`."""
-    proc = subprocess.Popen(_argv(command, inputs, out, *extra, procs=procs), cwd=REPO, env=_env(cache),
+    env = {**_env(cache), **({"NLA_PIPELINE_TEST_HOOK": hook} if hook else {})}
+    proc = subprocess.Popen(_argv(command, inputs, out, *extra, procs=procs), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while len(list(out.glob(pattern))) < count:
@@ -61,9 +64,11 @@ def read_stage(out):
         for i, v in zip(t.column("id").to_pylist(), t.column("activation").to_pylist()):
             assert i not in vecs, f"duplicate id {i}"
             vecs[i] = np.asarray(v)
-    files = sorted((out / "verbalize").glob("*/chunk_*.parquet"))
-    rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
-    return vecs, rows
+    def rows(stage):
+        files = sorted((out / stage).glob("*/chunk_*.parquet"))
+        return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+    return vecs, rows("verbalize"), rows("score")
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +93,19 @@ def baseline(baseline_dir):
     return read_stage(baseline_dir)
 
 
-def assert_same(out, baseline):
-    vecs, rows = read_stage(out)
-    base_vecs, base_rows = baseline
+def assert_same(out, baseline, stages=("extract", "verbalize", "score")):
+    vecs, rows, scores = read_stage(out)
+    base_vecs, base_rows, base_scores = baseline
     assert list(vecs) == list(base_vecs)  # every id exactly once, in input order
     for k in base_vecs:
         np.testing.assert_array_equal(vecs[k], base_vecs[k])
     assert rows == base_rows
     assert len(rows) == N_ROWS
+    if "score" in stages:
+        assert scores == base_scores and len(scores) == N_ROWS
+        assert json.loads((out / "score" / "_summary.json").read_text())["rows_scored"] == N_ROWS
     assert not list(out.rglob(".*.tmp-*"))
-    for stage in ("extract", "verbalize"):
+    for stage in stages:
         assert len(list((out / stage).glob("*/_COMPLETE"))) == 2
 
 
@@ -110,6 +118,10 @@ def test_sigkill_extract_then_verbalize_and_resume(tmp_path, inputs, baseline, o
     status = cli(offline_cache, "status", inputs, tmp_path).stdout
     assert "extract" in status and "20/20 chunks done" in status and "pending" in status
     cli(offline_cache, "verbalize", inputs, tmp_path)
+    assert_same(tmp_path, baseline, stages=("extract", "verbalize"))
+    kill_when(offline_cache, "score", inputs, tmp_path, "score/*/chunk_*.parquet", 2, hook="chunk_delay@0=0.3")
+    assert "score" in cli(offline_cache, "status", inputs, tmp_path).stdout
+    cli(offline_cache, "score", inputs, tmp_path)
     assert_same(tmp_path, baseline)
 
 
@@ -137,8 +149,10 @@ def test_fingerprint_mismatch_is_refused(tmp_path, inputs, baseline, offline_cac
     proc = cli(offline_cache, "verbalize", inputs, tmp_path, "generation.repetition_penalty=1.2", ok=False)
     assert proc.returncode == 1 and "generation.repetition_penalty: 1.05 -> 1.2" in proc.stderr
     cli(offline_cache, "verbalize", inputs, tmp_path, "generation.repetition_penalty=1.2", "--overwrite")
-    _, rows = read_stage(tmp_path)
+    _, rows, _ = read_stage(tmp_path)
     assert len(rows) == N_ROWS
+    proc = cli(offline_cache, "score", inputs, tmp_path, "reconstructor.mse_scale=3.0", ok=False)
+    assert proc.returncode == 1 and "mse_scale" in proc.stderr and "--overwrite" in proc.stderr
 
 
 def test_stray_temporary_files_are_ignored_and_removed(tmp_path, inputs, baseline, offline_cache):
