@@ -83,6 +83,19 @@ def fve_baseline(paths, scale: float) -> tuple[float, int]:
     return float((scale ** 2 - mean.dot(mean)) / len(mean)), rows
 
 
+def explanation_units(inp: StageDir) -> list[Unit]:
+    """One unit per explanation file in ``inp``, with its row count; an unreadable file is one line."""
+    units = []
+    for path in inp.chunk_files():
+        try:
+            rows = parquet_rows(path)
+        except Exception as e:  # noqa: BLE001 - any reader error is the same one line
+            raise PipelineError(f"{path}: not a readable explanation file ({str(e).splitlines()[0]}); "
+                                "run verbalize again to redo it") from e
+        units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
+    return units
+
+
 @dataclass(frozen=True)
 class ScoreSource:
     explanations: object  # Path of the explanation file
@@ -108,19 +121,10 @@ class ScoreStage:
 
     def plan(self) -> list[Unit]:
         """Every explanation file, with the activation file it came from; then the FVE baseline."""
-        files = self.inp.chunk_files()
-        if not files:
+        units = [Unit(u.shard, u.index, u.num_rows, ScoreSource(u.source, self.acts.chunk_path(u.shard, u.index)))
+                 for u in explanation_units(self.inp)]
+        if not units:
             raise PipelineError(f"score.input_dir {self.inp.root}: no explanation files (run verbalize first)")
-        units = []
-        for path in files:
-            try:
-                rows = parquet_rows(path)
-            except Exception as e:  # noqa: BLE001 - any reader error is the same one line
-                raise PipelineError(f"{path}: not a readable explanation file ({str(e).splitlines()[0]}); "
-                                    "run verbalize again to redo it") from e
-            index = int(path.stem.split("_")[1])
-            acts = self.acts.chunk_path(path.parent.name, index)
-            units.append(Unit(path.parent.name, index, rows, ScoreSource(path, acts)))
         self.shared = self.baseline([u.source.activations for u in units])
         return units
 

@@ -12,8 +12,6 @@ file has a final name (one directory listing per shard); the next run also valid
 """
 from __future__ import annotations
 
-import pyarrow.parquet as pq
-
 from pipeline.activations import count_rows
 from pipeline.driver import Unit
 from pipeline.layout import TMP_MARK, StageDir
@@ -45,9 +43,9 @@ def collect_status(cfg) -> dict[str, dict]:
                      | {"input_dir": cfg.verbalize_input_dir},
     }
     if cfg.model.reconstructor or cfg.score.input_dir:
-        explanations = StageDir(cfg.score_input_dir, ".parquet")
-        score_units = [Unit(p.parent.name, int(p.stem.split("_")[1]), pq.ParquetFile(p).metadata.num_rows, p)
-                       for p in explanations.chunk_files()]
+        from pipeline.score import explanation_units
+
+        score_units = explanation_units(StageDir(cfg.score_input_dir, ".parquet"))
         status["score"] = stage_status(StageDir(cfg.score.output_dir, ".parquet"), score_units) | {
             "input_dir": cfg.score_input_dir}
     return status
