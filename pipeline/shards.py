@@ -151,7 +151,7 @@ def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
     Generated ids (``<shard name>:<row>``) are unique by construction and are not read. Ids are
     compared as the strings ``read_prompts`` writes.
     """
-    from pandas.util import hash_array  # pandas comes with datasets
+    from pandas.util import hash_array
 
     # One uint64 hash per row, read a row group at a time: 8 bytes a row (a set of Python strings
     # costs ~10x that), sorted once at the end. Two distinct ids share a hash with probability
