@@ -34,6 +34,7 @@ from pipeline.driver import Unit
 from pipeline.errors import PipelineError
 from pipeline.layout import FINGERPRINT, StageDir
 from pipeline.verbalize import parquet_rows
+from pipeline.verbalizer import vector_problem
 
 log = logging.getLogger(__name__)
 SUMMARY = "_summary.json"
@@ -248,7 +249,7 @@ class ScoreStage:
                 errors[i] = errors[i] or f"no vector with this id in {path}"
             else:
                 out[i] = torch.tensor(vectors[j])
-                problem = act_errors.get(j) or _vector_problem(out[i])
+                problem = act_errors.get(j) or vector_problem(out[i])
                 errors[i] = errors[i] or problem
         if unmatched:
             log.warning("score %s chunk %d: %d explanation(s) have no vector in %s (ids %s)", unit.shard, unit.index,
@@ -265,12 +266,6 @@ class ScoreStage:
         if not all(self.out.chunk_name(u.index) in listing[u.shard] for u in units):
             return
         write_summary(self.out, self.inp, units, self.shared)
-
-
-def _vector_problem(v: torch.Tensor) -> str | None:
-    from pipeline.verbalizer import vector_problem
-
-    return vector_problem(v)
 
 
 def write_summary(out: StageDir, explanations: StageDir, units: list[Unit], shared: dict) -> dict:

@@ -59,6 +59,20 @@ def tiny_adapter_dir(offline_cache, tiny_model_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_ar_dir(offline_cache, tiny_model_dir) -> str:
+    from pipeline.tiny import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-ar")
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_lora_dir(offline_cache, tiny_model_dir) -> str:
+    from pipeline.tiny import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-ar-lora")
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 

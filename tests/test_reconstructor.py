@@ -44,20 +44,6 @@ def ar_config(reconstructor: str, *overrides: str):
 
 
 @pytest.fixture(scope="session")
-def tiny_ar_dir(offline_cache) -> str:
-    from pipeline.tiny import resolve_builtin
-
-    return resolve_builtin("builtin:tiny-ar")
-
-
-@pytest.fixture(scope="session")
-def tiny_ar_lora_dir(offline_cache, tiny_model_dir) -> str:
-    from pipeline.tiny import resolve_builtin
-
-    return resolve_builtin("builtin:tiny-ar-lora")
-
-
-@pytest.fixture(scope="session")
 def value_head_ar(tiny_ar_dir):
     cfg = ar_config("builtin:tiny-ar")
     return load_reconstructor(cfg, resolve_reconstructor(cfg), CPU)

@@ -22,10 +22,8 @@ TEXTS = ["", "a cat sat on the mat", "数据 and 🙂 emoji", "braces {explanati
 
 
 @pytest.fixture(scope="module")
-def tiny_ar(offline_cache, tiny_model_dir):
-    from pipeline.tiny import resolve_builtin
-
-    return resolve_builtin("builtin:tiny-ar"), (tiny_model_dir, resolve_builtin("builtin:tiny-ar-lora"))
+def tiny_ar(tiny_ar_dir, tiny_ar_lora_dir, tiny_model_dir):
+    return tiny_ar_dir, (tiny_model_dir, tiny_ar_lora_dir)
 
 
 @pytest.fixture(scope="module")
