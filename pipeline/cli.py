@@ -69,7 +69,7 @@ def _dispatch(args) -> int:
 
 
 def _resolve_models(cfg, command: str) -> None:
-    from pipeline.modeling import resolve_source
+    from pipeline.models.modeling import resolve_source
 
     resolve_source(cfg.model.base, "model.base")
     if cfg.model.adapter and command in ("verbalize", "run"):
@@ -80,9 +80,9 @@ def _resolve_models(cfg, command: str) -> None:
 
 def _run(args, cfg, rt) -> int:
     from pipeline.driver import run_pipeline, run_stage
-    from pipeline.extract import ExtractStage
-    from pipeline.score import ScoreStage
-    from pipeline.verbalize import VerbalizeStage
+    from pipeline.stages.extract import ExtractStage
+    from pipeline.stages.score import ScoreStage
+    from pipeline.stages.verbalize import VerbalizeStage
 
     # Rank 0 builds (builtin:) or downloads the models first, then the others find them in place.
     # Each step is a collective that also checks for errors: one rank's failure ends every rank.
@@ -101,7 +101,7 @@ def _run(args, cfg, rt) -> int:
     else:
         results = [run_stage(made[0], cfg, rt, overwrite=args.overwrite)]
     if rt.is_main:
-        from pipeline.summary import print_summary
+        from pipeline.io.summary import print_summary
 
         print_summary(results, rt.world_size)
     return 0

@@ -36,7 +36,7 @@ class ModelConfig:
     dtype: str = _f("auto", "auto|bfloat16|float16|float32; auto is bfloat16 on CUDA, float32 on CPU")
     device: str = _f("auto", "auto|cpu|cuda; auto picks this process's GPU when there is one")
     attn_implementation: str = _f("auto", "auto (CPU: sdpa_gqa, CUDA: sdpa), sdpa_gqa (grouped-KV SDPA + shared-prefix "
-                                  "attention, pipeline/attention.py) or any from_pretrained value: sdpa|eager|flash_attention_2")
+                                  "attention, pipeline/engines/attention.py) or any from_pretrained value: sdpa|eager|flash_attention_2")
     allow_adapter_base_mismatch: bool = _f(False, "load an adapter whose recorded base differs from model.base")
     reconstructor: str | None = _f(None, "activation reconstructor (AR) for stage 3 (score): HF id, local directory, "
                                    "or builtin:tiny-ar; null means run has no score stage")

@@ -12,10 +12,10 @@ file has a final name (one directory listing per shard); the next run also valid
 """
 from __future__ import annotations
 
-from pipeline.activations import count_rows
+from pipeline.io.activations import count_rows
 from pipeline.driver import Unit
-from pipeline.layout import TMP_MARK, StageDir
-from pipeline.shards import plan_chunks, resolve_shards
+from pipeline.io.layout import TMP_MARK, StageDir
+from pipeline.io.shards import plan_chunks, resolve_shards
 
 
 def stage_status(out: StageDir, units: list[Unit]) -> dict:
@@ -32,7 +32,7 @@ def stage_status(out: StageDir, units: list[Unit]) -> dict:
 
 
 def collect_status(cfg) -> dict[str, dict]:
-    from pipeline.verbalize import activation_units
+    from pipeline.stages.verbalize import activation_units
 
     chunks = plan_chunks(resolve_shards(cfg.data), cfg.data.chunk_rows)
     extract_units = [Unit(c.shard.name, c.index, c.num_rows, c) for c in chunks]
@@ -43,7 +43,7 @@ def collect_status(cfg) -> dict[str, dict]:
                      | {"input_dir": cfg.verbalize_input_dir},
     }
     if cfg.model.reconstructor or cfg.score.input_dir:
-        from pipeline.score import explanation_units
+        from pipeline.stages.score import explanation_units
 
         score_units = explanation_units(StageDir(cfg.score_input_dir, ".parquet"))
         status["score"] = stage_status(StageDir(cfg.score.output_dir, ".parquet"), score_units) | {

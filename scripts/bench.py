@@ -24,7 +24,7 @@ verbalize, the per-row suffix from the injection token on and every generated to
 layers and the LM head (the shared prefix is computed once and not counted); score, layers 0..20
 over each rendered reconstructor template (its shared opening counted once) plus the value head.
 Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> is scaled by
-``--eos-scale`` (see pipeline.tiny.build_tiny_model); rows then stop at varied lengths, like real
+``--eos-scale`` (see pipeline.models.tiny.build_tiny_model); rows then stop at varied lengths, like real
 explanations, and the report gives the distribution.
 
 The table is written to docs/benchmarks.md (replacing the previous one for the same device kind).
@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.tiny import build_tiny_adapter, build_tiny_model, cache_dir  # noqa: E402
+from pipeline.models.tiny import build_tiny_adapter, build_tiny_model, cache_dir  # noqa: E402
 
 SHAPES = {
     "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28, "num_key_value_heads": 4},
@@ -250,10 +250,10 @@ def main(argv=None) -> int:
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.extract import ExtractStage, chat_prefix_ids, padding_fraction
+    from pipeline.stages.extract import ExtractStage, chat_prefix_ids, padding_fraction
     from pipeline.runtime import Runtime
-    from pipeline.verbalize import VerbalizeStage
-    from pipeline.verbalizer import build_prompt, depth_percent
+    from pipeline.stages.verbalize import VerbalizeStage
+    from pipeline.protocol.verbalizer import build_prompt, depth_percent
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     del stage
 
     # --- stage 2 ------------------------------------------------------------------------------
-    from pipeline.activations import read_activations, write_activations
+    from pipeline.io.activations import read_activations, write_activations
 
     vectors = np.concatenate([read_activations(f)[1] for f in sorted((work / "extract").glob("*/chunk_*.arrow"))])
     vectors = vectors[: args.verbalize_rows]
@@ -352,9 +352,9 @@ def main(argv=None) -> int:
     del stage
 
     # --- stage 3 ------------------------------------------------------------------------------
-    from pipeline.reconstructor import DEFAULT_TEMPLATE
-    from pipeline.score import ScoreStage
-    from pipeline.tiny import build_tiny_ar
+    from pipeline.models.reconstructor import DEFAULT_TEMPLATE
+    from pipeline.stages.score import ScoreStage
+    from pipeline.models.tiny import build_tiny_ar
 
     ar_dir = build_tiny_ar(base_dir, Path(base_dir).with_name(Path(base_dir).name + "-ar"), layer=cfg.extract.layer)
     cfg.model.reconstructor, cfg.score.output_dir = str(ar_dir), str(work / "score")

@@ -1,6 +1,6 @@
 """The activation reconstructor's one-example computation in plain transformers + peft + safetensors.
 
-Test code only: the batched pipeline (pipeline/reconstructor.py) is compared with this, and this never
+Test code only: the batched pipeline (pipeline/models/reconstructor.py) is compared with this, and this never
 calls the pipeline. The FULL causal LM is loaded (no truncation), the rendered template goes through
 one forward pass, and a forward hook on ``layers[layer]`` takes that layer's raw output at the last
 token (``hidden_states[-1]`` would be after the final norm).

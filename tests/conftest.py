@@ -46,28 +46,28 @@ def reset_pipeline_logger():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(offline_cache) -> str:
-    from pipeline.tiny import resolve_builtin
+    from pipeline.models.tiny import resolve_builtin
 
     return resolve_builtin("builtin:tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(offline_cache, tiny_model_dir) -> str:
-    from pipeline.tiny import resolve_builtin
+    from pipeline.models.tiny import resolve_builtin
 
     return resolve_builtin("builtin:tiny-lora")
 
 
 @pytest.fixture(scope="session")
 def tiny_ar_dir(offline_cache, tiny_model_dir) -> str:
-    from pipeline.tiny import resolve_builtin
+    from pipeline.models.tiny import resolve_builtin
 
     return resolve_builtin("builtin:tiny-ar")
 
 
 @pytest.fixture(scope="session")
 def tiny_ar_lora_dir(offline_cache, tiny_model_dir) -> str:
-    from pipeline.tiny import resolve_builtin
+    from pipeline.models.tiny import resolve_builtin
 
     return resolve_builtin("builtin:tiny-ar-lora")
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.attention import shared_prefix_attention
+from pipeline.engines.attention import shared_prefix_attention
 
 
 def reference_attention(query, keys, values, allowed):

@@ -146,17 +146,17 @@ def test_config_inherit_loop(tmp_path, capsys):
 def test_file_unreadable_mid_run_keeps_the_rows_in_flight(tmp_path, capsys, monkeypatch):
     """A chunk that fails to read after planning stops the intake; the chunk whose rows were already
     decoding is finished and written, then the error is reported."""
-    import pipeline.verbalize
+    import pipeline.stages.verbalize
     from pipeline.errors import PipelineError
 
-    real = pipeline.verbalize.read_activations
+    real = pipeline.stages.verbalize.read_activations
 
     def flaky(path, **kw):
         if path.name == "chunk_00001.arrow":
             raise PipelineError(f"{path}: not a readable activation file (simulated)")
         return real(path, **kw)
 
-    monkeypatch.setattr(pipeline.verbalize, "read_activations", flaky)
+    monkeypatch.setattr(pipeline.stages.verbalize, "read_activations", flaky)
     write_activation_dir(tmp_path / "acts", np.random.default_rng(1).normal(size=(9, 64)).astype(np.float32) * 50,
                          chunk_rows=4)
     argv = verbalize_argv(tmp_path, tmp_path / "acts", **{"verbalize.batch_size": 4, "generation.max_new_tokens": 6})

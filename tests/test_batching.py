@@ -1,7 +1,7 @@
 """Token-budget batching: every row once, budget kept, padding bounded."""
 import random
 
-from pipeline.batching import token_budget_batches
+from pipeline.engines.batching import token_budget_batches
 
 
 def test_every_row_once_within_budget_and_little_padding():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.decoding import Decoder
-from pipeline.modeling import load_extract_model, load_verbalizer_model
-from pipeline.verbalizer import build_prompt, decode_row
+from pipeline.engines.decoding import Decoder
+from pipeline.models.modeling import load_extract_model, load_verbalizer_model
+from pipeline.protocol.verbalizer import build_prompt, decode_row
 from tests.card_reference import card_text
 from tests.conftest import TINY_CONFIG
 
@@ -126,7 +126,7 @@ def test_stream_refills_across_chunk_boundaries(merged, tokenizer, cfg, vectors,
 
 
 def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
-    from pipeline.extract import extract_vectors, render_and_tokenize
+    from pipeline.stages.extract import extract_vectors, render_and_tokenize
 
     trunk = load_extract_model(cfg, torch.device("cpu"))
     ids = render_and_tokenize(tokenizer, ["a", "bb bb", "ccc ccc ccc", "dddd", "e e e e e e"])
@@ -146,7 +146,7 @@ def test_extract_splits_a_batch_that_runs_out_of_memory(cfg, tokenizer, caplog):
 def test_growable_layer_behaves_like_dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
-    from pipeline.kvcache import GrowableLayer
+    from pipeline.engines.kvcache import GrowableLayer
 
     g = torch.Generator().manual_seed(0)
     ref, grow = DynamicLayer(), GrowableLayer()
@@ -166,7 +166,7 @@ def test_growable_layer_behaves_like_dynamic_layer():
 
 def test_growable_layer_grows_keys_and_values_together(monkeypatch):
     """An OOM while growing the values' buffer must not leave the keys' buffer grown alone."""
-    from pipeline.kvcache import GrowableLayer
+    from pipeline.engines.kvcache import GrowableLayer
 
     layer, k, big = GrowableLayer(), torch.randn(2, 1, 3, 4), torch.randn(2, 1, 100, 4)
     layer.update(k, k + 1)
@@ -198,7 +198,7 @@ def test_sampling_runs_and_respects_the_cap(merged, tokenizer, cfg, vectors):
 
 
 def test_cascade_is_refused_without_the_attention_that_takes_it(tiny_model_dir):
-    from pipeline.prefix import SharedPrefix
+    from pipeline.engines.prefix import SharedPrefix
 
     trunk = load_extract_model(load_config(TINY_CONFIG, ["model.attn_implementation=sdpa"]), torch.device("cpu"))
     with pytest.raises(ValueError, match="sdpa_gqa"):

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pipeline.driver as driver
 from pipeline.driver import Unit, process_units
-from pipeline.layout import StageDir
+from pipeline.io.layout import StageDir
 from pipeline.runtime import Runtime
 
 

@@ -47,8 +47,8 @@ def card_activation(model, tokenizer, prompt: str) -> torch.Tensor:
 
 
 def read_output(out_dir):
-    from pipeline.activations import read_activations
-    from pipeline.layout import StageDir
+    from pipeline.io.activations import read_activations
+    from pipeline.io.layout import StageDir
 
     ids, vecs, ntok = [], [], []
     for path in StageDir(out_dir, ".arrow").chunk_files():
@@ -127,9 +127,9 @@ def test_rerun_skips_finished_chunks(tmp_path, capsys):
 def test_template_prefix_is_computed_once_and_a_seam_mismatch_runs_whole(peft_model, tokenizer):
     """The system block + user header is cached once; a row whose tokens differ at the seam runs whole."""
     from pipeline.config import load_config
-    from pipeline.extract import chat_prefix_ids, extract_vectors, render_and_tokenize
-    from pipeline.modeling import load_extract_model
-    from pipeline.prefix import SharedPrefix
+    from pipeline.stages.extract import chat_prefix_ids, extract_vectors, render_and_tokenize
+    from pipeline.models.modeling import load_extract_model
+    from pipeline.engines.prefix import SharedPrefix
 
     cfg = load_config(TINY_CONFIG, [])
     trunk = load_extract_model(cfg, torch.device("cpu"))
@@ -177,7 +177,7 @@ def test_string_like_columns_give_what_plain_strings_give(tmp_path, kind):
 
 
 def test_a_prompt_longer_than_the_model_is_an_error_row(tmp_path, peft_model, tokenizer, capsys):
-    from pipeline.activations import read_activations
+    from pipeline.io.activations import read_activations
 
     limit = peft_model.config.max_position_embeddings  # 4096 for the tiny model
     prompts = [PROMPTS[2], "hello " * (limit + 10), PROMPTS[4], "a"]
@@ -193,7 +193,7 @@ def test_a_prompt_longer_than_the_model_is_an_error_row(tmp_path, peft_model, to
     _, vectors, _, _, row_errors = read_activations(first)
     assert row_errors == {1: f"extract: {message}"} and not vectors[1].any()
     log = (tmp_path / "extract" / "logs" / "rank00000.log").read_text()
-    warnings = [line.split(" WARNING pipeline.extract: ")[1] for line in log.splitlines() if " WARNING " in line]
+    warnings = [line.split(" WARNING pipeline.stages.extract: ")[1] for line in log.splitlines() if " WARNING " in line]
     assert warnings == [f"{path} row 1 (id r1): {message}; not extracted: its activation is null and its "
                         "'error' says why"]
     assert "1 row(s) not extracted (see the 'error' column)" in capsys.readouterr().out
@@ -207,16 +207,16 @@ def test_a_prompt_longer_than_the_model_is_an_error_row(tmp_path, peft_model, to
 
 def _trunk_and_prefix(tokenizer):
     from pipeline.config import load_config
-    from pipeline.extract import chat_prefix_ids
-    from pipeline.modeling import load_extract_model
-    from pipeline.prefix import SharedPrefix
+    from pipeline.stages.extract import chat_prefix_ids
+    from pipeline.models.modeling import load_extract_model
+    from pipeline.engines.prefix import SharedPrefix
 
     trunk = load_extract_model(load_config(TINY_CONFIG, []), torch.device("cpu"))
     return trunk, SharedPrefix(trunk, input_ids=chat_prefix_ids(tokenizer))
 
 
 def test_a_row_that_runs_out_of_memory_alone_is_an_error_row(peft_model, tokenizer):
-    from pipeline.extract import extract_vectors, render_and_tokenize
+    from pipeline.stages.extract import extract_vectors, render_and_tokenize
 
     trunk, prefix = _trunk_and_prefix(tokenizer)
     prompts = ["short", PROMPTS[1], PROMPTS[2], "a", PROMPTS[6]]
@@ -243,7 +243,7 @@ def test_a_row_that_runs_out_of_memory_alone_is_an_error_row(peft_model, tokeniz
 
 def test_the_retry_after_out_of_memory_runs_outside_the_except_block(tokenizer):
     """The halves are run once the failed attempt's exception, and the tensors its frames hold, are gone."""
-    from pipeline.extract import extract_vectors, render_and_tokenize
+    from pipeline.stages.extract import extract_vectors, render_and_tokenize
 
     trunk, _ = _trunk_and_prefix(tokenizer)
     ids = render_and_tokenize(tokenizer, ["a", "bb bb", "ccc ccc ccc"])

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from pipeline.layout import StageDir
+from pipeline.io.layout import StageDir
 
 
 def test_background_writes_land_before_leaving_and_overlap_the_caller(tmp_path):
@@ -69,7 +69,7 @@ def test_temporary_names_carry_host_pid_and_a_random_part(tmp_path):
     import os
     import socket
 
-    from pipeline.layout import temp_path, temp_target
+    from pipeline.io.layout import temp_path, temp_target
 
     final = tmp_path / "chunk_00003.arrow"
     a, b = temp_path(final), temp_path(final)
@@ -102,7 +102,7 @@ def test_stale_temporary_files_are_judged_by_the_file_servers_clock(tmp_path):
 def test_a_chunk_file_is_trusted_only_when_it_reads_with_the_planned_rows(tmp_path):
     import numpy as np
 
-    from pipeline.activations import count_rows, write_activations
+    from pipeline.io.activations import count_rows, write_activations
 
     out = StageDir(tmp_path, ".arrow", count_rows=count_rows)
     path = out.chunk_path("00000-x", 0)

@@ -11,7 +11,7 @@ import yaml
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.reconstructor import (DEFAULT_TEMPLATE, check_width, load_reconstructor, reconstruct,
+from pipeline.models.reconstructor import (DEFAULT_TEMPLATE, check_width, load_reconstructor, reconstruct,
                                     resolve_reconstructor)
 from tests.ar_reference import reference_prediction
 from tests.conftest import TINY_CONFIG

@@ -9,7 +9,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
-from pipeline.shards import plan_chunks, read_prompts, resolve_shards
+from pipeline.io.shards import plan_chunks, read_prompts, resolve_shards
 from tests.conftest import TINY_CONFIG, tiny_overrides, write_parquet
 
 
@@ -18,7 +18,7 @@ def all_ids(data_cfg):
 
 
 def test_default_ids_differ_across_files_with_the_same_name(tmp_path):
-    from pipeline.shards import find_duplicate_ids
+    from pipeline.io.shards import find_duplicate_ids
 
     write_parquet(tmp_path / "en" / "train.parquet", {"prompt": ["a", "b", "c"]})
     write_parquet(tmp_path / "de" / "train.parquet", {"prompt": ["x", "y"]})
@@ -28,7 +28,7 @@ def test_default_ids_differ_across_files_with_the_same_name(tmp_path):
 
 
 def test_duplicate_ids_are_counted_as_read_prompts_writes_them(tmp_path):
-    from pipeline.shards import find_duplicate_ids
+    from pipeline.io.shards import find_duplicate_ids
 
     write_parquet(tmp_path / "a.parquet", {"id": ["x", "y", "z", "1"], "prompt": ["p"] * 4}, row_group_size=2)
     write_parquet(tmp_path / "b.parquet", {"id": [1, 2, 3], "prompt": ["p"] * 3})  # 1 is written as '1'
@@ -53,7 +53,7 @@ def test_duplicate_ids_in_a_run_give_one_warning_with_a_count(tmp_path):
     write_parquet(tmp_path / "in" / "a.parquet", {"id": ["r0", "r1", "r2"], "prompt": ["one", "two", "three"]})
     write_parquet(tmp_path / "in" / "b.parquet", {"id": ["r2", "r3", "r0", "r0"], "prompt": ["4", "5", "6", "7"]})
     # The module's own logger: an in-process CLI run replaces the handlers of "pipeline" and stops propagation.
-    logger, collect = logging.getLogger("pipeline.shards"), Collect()
+    logger, collect = logging.getLogger("pipeline.io.shards"), Collect()
     logger.addHandler(collect)
     try:
         overrides = tiny_overrides(tmp_path, **{"data.paths": f"[{tmp_path / 'in' / '*.parquet'}]"})

@@ -41,7 +41,7 @@ def test_an_interrupted_build_is_reported_not_loaded(tmp_path):
     import pytest
 
     from pipeline.errors import PipelineError
-    from pipeline.tiny import build_tiny_model
+    from pipeline.models.tiny import build_tiny_model
 
     half = tmp_path / "tiny"
     half.mkdir()

@@ -158,7 +158,7 @@ def test_a_shard_extract_finishes_after_planning_is_not_marked_complete(tmp_path
     """verbalize lists the input while extract still writes: the shard's last chunk and its marker
     land between the listing and the end of the run. Only the chunks it listed are verbalized, and
     the shard is not marked complete against that partial list (but on the next run, in full)."""
-    from pipeline.verbalize import VerbalizeStage
+    from pipeline.stages.verbalize import VerbalizeStage
 
     acts = write_activation_dir(tmp_path / "acts", vectors[:6].numpy(), chunk_rows=2)
     shard = acts / "00000-test"

@@ -1,6 +1,6 @@
 """Load the tokenizer, the truncated extraction model and the verbalizer (base + LoRA).
 
-    from pipeline.modeling import load_tokenizer, load_extract_model, load_verbalizer_model
+    from pipeline.models.modeling import load_tokenizer, load_extract_model, load_verbalizer_model
     tok = load_tokenizer(cfg)
     trunk = load_extract_model(cfg, device)       # layers 0..layer only, final norm removed
     model = load_verbalizer_model(cfg, device)    # full model with the adapter, merged if asked
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.attention import resolve_attention
+from pipeline.engines.attention import resolve_attention
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def resolve_source(name: str, key: str) -> str:
     """A local directory, a built-in tiny model, or a Hub id; a missing local path is an error."""
     if name.startswith("builtin:"):
-        from pipeline.tiny import resolve_builtin
+        from pipeline.models.tiny import resolve_builtin
 
         return resolve_builtin(name)
     expanded = os.path.expanduser(name)

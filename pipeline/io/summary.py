@@ -1,6 +1,6 @@
 """The short report printed after a run: rows, rows/s, where outputs are, three sample explanations.
 
-    from pipeline.summary import print_summary
+    from pipeline.io.summary import print_summary
     print_summary([extract_result, verbalize_result])     # rank 0 only
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 def _samples(out_dir: str, n: int = 3) -> list[tuple[str, str]]:
     import pyarrow.parquet as pq
 
-    from pipeline.layout import StageDir
+    from pipeline.io.layout import StageDir
 
     picked: list[tuple[str, str]] = []
     for path in StageDir(out_dir, ".parquet").chunk_files():
@@ -54,7 +54,7 @@ def print_summary(results, world_size: int = 1) -> None:
         if r.skipped_chunks:
             line += f" ({r.skipped_chunks} chunk(s) already done)"
         if r.stats.get("computed_tokens"):
-            from pipeline.extract import padding_fraction
+            from pipeline.stages.extract import padding_fraction
 
             line += f", padding {100 * padding_fraction(r.stats):.1f}%"
         if r.stats.get("error_rows"):

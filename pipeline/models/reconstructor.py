@@ -1,6 +1,6 @@
 """The activation reconstructor (AR): read an explanation, predict the activation vector back.
 
-    from pipeline.reconstructor import resolve_reconstructor, load_reconstructor, reconstruct
+    from pipeline.models.reconstructor import resolve_reconstructor, load_reconstructor, reconstruct
     spec = resolve_reconstructor(cfg)             # format, template, layer, scale: no weights loaded
     recon = load_reconstructor(cfg, spec, device)
     predictions, stats, errors = reconstruct(recon, ["a cat on a mat", ...], max_batch_tokens=8192)
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.attention import resolve_attention
+from pipeline.engines.attention import resolve_attention
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_vectors
-from pipeline.modeling import (_load_errors, load_model_config, load_tokenizer, model_identity, resolve_dtype,
+from pipeline.stages.extract import extract_vectors
+from pipeline.models.modeling import (_load_errors, load_model_config, load_tokenizer, model_identity, resolve_dtype,
                                resolve_source)
-from pipeline.prefix import SharedPrefix
+from pipeline.engines.prefix import SharedPrefix
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``sdpa_gqa``: transformers' SDPA attention, with native grouped-KV heads on CPU and shared-prefix
 (cascade) attention for the verbalizer's decoder.
 
-    from pipeline.attention import resolve_attention
+    from pipeline.engines.attention import resolve_attention
     AutoModel.from_pretrained(path, attn_implementation=resolve_attention("auto", device))
     model(..., shared_prefix=[(keys, values), ...])   # per layer [1, kv_heads, P, head_dim]: see below
 

@@ -3,7 +3,7 @@
     nla-pipeline extract --config configs/tiny.yaml
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
 
-    from pipeline.extract import ExtractStage, extract_vectors
+    from pipeline.stages.extract import ExtractStage, extract_vectors
     vectors, stats, errors = extract_vectors(trunk, token_ids, max_batch_tokens=8192, pad_id=tok.pad_token_id)
 
 Each prompt is rendered as one user message with the chat template (add_generation_prompt=True),
@@ -18,13 +18,13 @@ import logging
 import torch
 
 from pipeline import __version__
-from pipeline.activations import ACTIVATION_FORMAT, count_rows, write_activations
-from pipeline.batching import token_budget_batches
+from pipeline.io.activations import ACTIVATION_FORMAT, count_rows, write_activations
+from pipeline.engines.batching import token_budget_batches
 from pipeline.driver import Unit
-from pipeline.layout import StageDir
-from pipeline.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
-from pipeline.prefix import SharedPrefix
-from pipeline.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
+from pipeline.io.layout import StageDir
+from pipeline.models.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
+from pipeline.engines.prefix import SharedPrefix
+from pipeline.io.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     nla-pipeline score --config configs/tiny.yaml
     nla-pipeline run --config configs/tiny.yaml          # the third stage whenever model.reconstructor is set
 
-    from pipeline.score import round_trip, fve_baseline
+    from pipeline.stages.score import round_trip, fve_baseline
     cosine, mse = round_trip(predictions, vectors, scale=59.87)    # [rows] each, float32
     baseline, rows = fve_baseline(activation_files, scale=59.87)   # predict-the-mean error of the run
 
@@ -29,12 +29,12 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.activations import count_rows, read_activations
+from pipeline.io.activations import count_rows, read_activations
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
-from pipeline.layout import FINGERPRINT, StageDir
-from pipeline.verbalize import parquet_rows
-from pipeline.verbalizer import vector_problem
+from pipeline.io.layout import FINGERPRINT, StageDir
+from pipeline.stages.verbalize import parquet_rows
+from pipeline.protocol.verbalizer import vector_problem
 
 log = logging.getLogger(__name__)
 SUMMARY = "_summary.json"
@@ -109,7 +109,7 @@ class ScoreStage:
     name = "score"
 
     def __init__(self, cfg, rt, recon=None):
-        from pipeline.reconstructor import resolve_reconstructor
+        from pipeline.models.reconstructor import resolve_reconstructor
 
         self.cfg, self.rt = cfg, rt
         self.inp = StageDir(cfg.score_input_dir, ".parquet", count_rows=parquet_rows)
@@ -144,7 +144,7 @@ class ScoreStage:
     def baseline(self, activation_files) -> dict:
         """The FVE baseline and where it came from (rank 0, before any scoring). The vectors' width
         is checked against the reconstructor's here too, before any model is loaded."""
-        from pipeline.reconstructor import check_width
+        from pipeline.models.reconstructor import check_width
 
         self.log_protocol()
         activation_files = [p for p in activation_files if p.exists()]
@@ -173,7 +173,7 @@ class ScoreStage:
                 "fve_baseline": self.shared.get("fve_baseline")}
 
     def setup(self) -> None:
-        from pipeline.reconstructor import load_reconstructor
+        from pipeline.models.reconstructor import load_reconstructor
 
         if self.recon is None:
             self.recon = load_reconstructor(self.cfg, self.spec, self.rt.device)
@@ -195,7 +195,7 @@ class ScoreStage:
         cosine, mse = torch.full((len(ids),), float("nan")), torch.full((len(ids),), float("nan"))
         stats: dict = {"tokens": 0, "scored_rows": 0, "error_rows": 0}
         if todo:
-            from pipeline.reconstructor import reconstruct
+            from pipeline.models.reconstructor import reconstruct
 
             p, rstats, rerrors = reconstruct(self.recon, [texts[i] or "" for i in todo], self.cfg.score.max_batch_tokens)
             stats["tokens"] += rstats.get("tokens", 0)

@@ -1,6 +1,6 @@
 """Continuous-batching decoder for the verbalizer: shared prompt prefix, eviction, refill, OOM halving.
 
-    from pipeline.decoding import Decoder
+    from pipeline.engines.decoding import Decoder
     decoder = Decoder(model, tokenizer, prompt, cfg.generation, cfg.verbalizer, max_rows=128)
     rows = decoder.run(vectors)     # [(token ids, finished, n_generated)] in input order
     for key, (tokens, finished, n) in decoder.stream((key, vector) for ...):   # as rows finish
@@ -10,9 +10,9 @@ ends and recomputes the prompt for every row, and its continuous-batching API ta
 not ``inputs_embeds``. Here:
 
 - **Shared prefix.** Every row's prompt is identical up to the injection token, so the KV cache of
-  that prefix is computed once per model load (pipeline.prefix); only the suffix from the injection
+  that prefix is computed once per model load (pipeline.engines.prefix); only the suffix from the injection
   token on is prefilled per row. Rows' caches hold only their own columns and the attention function
-  reads the prefix once per step for all rows (cascade attention, pipeline.attention); with another
+  reads the prefix once per step for all rows (cascade attention, pipeline.engines.attention); with another
   ``attn_implementation`` the prefix is copied into each new row instead.
 - **No work on finished rows.** A row leaves the batch the step it finishes (``batch_select_indices``
   on the cache) and a waiting row takes its slot. A row that joins late has masked "holes" in its
@@ -37,9 +37,9 @@ from collections.abc import Hashable, Iterable, Iterator
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from pipeline.kvcache import keep_columns
-from pipeline.prefix import SharedPrefix, supports_cascade
-from pipeline.verbalizer import normalize_to
+from pipeline.engines.kvcache import keep_columns
+from pipeline.engines.prefix import SharedPrefix, supports_cascade
+from pipeline.protocol.verbalizer import normalize_to
 
 log = logging.getLogger(__name__)
 OOM_ERRORS = (torch.OutOfMemoryError,)

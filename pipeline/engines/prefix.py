@@ -1,12 +1,12 @@
 """The KV cache of a prefix that every row starts with, computed once and copied into each batch.
 
-    from pipeline.prefix import SharedPrefix
+    from pipeline.engines.prefix import SharedPrefix
     prefix = SharedPrefix(body, input_ids=[151644, 8948, ...])        # or inputs_embeds=[1, P, d_model]
     prefix.ids, prefix.length             # the tokens it stands for (None if built from embeddings), P
     cache = prefix.cache(rows=32)          # a fresh cache holding the prefix for 32 rows
     hidden = body(input_ids=suffixes, position_ids=prefix.length + arange(S), attention_mask=..., **prefix.kw(cache))
     # attention_mask covers prefix.columns + the suffix: the prefix's columns sit in each row's cache,
-    # unless cascade=True (pipeline.attention's shared-prefix attention reads them once for all rows)
+    # unless cascade=True (pipeline.engines.attention's shared-prefix attention reads them once for all rows)
 
 Both stages feed many rows that open with the same tokens: every extract prompt is rendered with
 the same system block and user header (24 tokens with Qwen2.5's template), and every verbalizer
@@ -21,8 +21,8 @@ import inspect
 
 import torch
 
-from pipeline.attention import NAME as SDPA_GQA
-from pipeline.kvcache import growable_cache
+from pipeline.engines.attention import NAME as SDPA_GQA
+from pipeline.engines.kvcache import growable_cache
 
 
 def cache_kwarg(body) -> str:
@@ -31,7 +31,7 @@ def cache_kwarg(body) -> str:
 
 
 def supports_cascade(body) -> bool:
-    """Whether the model's attention function takes ``shared_prefix`` (only pipeline.attention's does)."""
+    """Whether the model's attention function takes ``shared_prefix`` (only pipeline.engines.attention's does)."""
     return getattr(body.config, "_attn_implementation", None) == SDPA_GQA
 
 

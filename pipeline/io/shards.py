@@ -1,6 +1,6 @@
 """Input side: resolve ``data.paths`` to Parquet shards, split them into chunks, read one chunk.
 
-    from pipeline.shards import resolve_shards, plan_chunks, read_prompts
+    from pipeline.io.shards import resolve_shards, plan_chunks, read_prompts
     shards = resolve_shards(cfg.data)          # validated before any model work
     for chunk in plan_chunks(shards, cfg.data.chunk_rows):
         ids, prompts = read_prompts(chunk, cfg.data)

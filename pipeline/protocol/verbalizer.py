@@ -1,6 +1,6 @@
 """The injection protocol, as small pure functions: prompt, normalize, inject, decode.
 
-    from pipeline.verbalizer import build_prompt, normalize_to, inject, decode_row
+    from pipeline.protocol.verbalizer import build_prompt, normalize_to, inject, decode_row
     prompt = build_prompt(tokenizer, cfg.verbalizer, depth_pct=73)   # token ids + injection position
     embeds = inject(model.get_input_embeddings(), prompt, vectors)   # [batch, prompt_len, d_model]
     text, finished, n = decode_row(tokenizer, generated_ids, eos_ids, "</explanation>")

@@ -1,6 +1,6 @@
 """A KV cache whose layers append into spare capacity instead of re-concatenating every step.
 
-    from pipeline.kvcache import growable_cache
+    from pipeline.engines.kvcache import growable_cache
     cache = growable_cache()            # a transformers Cache; pass it to model(..., cache=cache)
 
 Why: transformers' DynamicLayer appends with ``torch.cat``, which copies the whole layer cache at

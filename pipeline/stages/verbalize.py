@@ -3,13 +3,13 @@
     nla-pipeline verbalize --config configs/tiny.yaml
     nla-pipeline verbalize --config configs/qwen2.5-7b-l20-av-v2.yaml verbalize.batch_size=256
 
-    from pipeline.verbalize import generate_explanations
+    from pipeline.stages.verbalize import generate_explanations
     rows = generate_explanations(model, tokenizer, prompt, vectors, cfg)   # [(text, finished, n), ...]
 
 This is the card's protocol with its two example bugs fixed: everything generated is decoded (the
 card's ``generate(inputs_embeds=...)`` returns only new tokens), then cut at the stop string. Every
 row has the same prompt, so no row is padded; the attention mask is still explicit. Two engines:
-``continuous`` (default; pipeline.decoding: shared prefix, continuous batching) and ``generate``
+``continuous`` (default; pipeline.engines.decoding: shared prefix, continuous batching) and ``generate``
 (transformers' generate per batch, the simple reference path).
 """
 from __future__ import annotations
@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.activations import count_rows, read_activations
-from pipeline.decoding import Decoder
+from pipeline.io.activations import count_rows, read_activations
+from pipeline.engines.decoding import Decoder
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
-from pipeline.layout import FINGERPRINT, StageDir
-from pipeline.modeling import (
+from pipeline.io.layout import FINGERPRINT, StageDir
+from pipeline.models.modeling import (
     load_model_config,
     load_tokenizer,
     load_verbalizer_model,
@@ -37,7 +37,7 @@ from pipeline.modeling import (
     resolve_dtype,
     resolve_source,
 )
-from pipeline.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
+from pipeline.protocol.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The activation file format that stage 1 writes and stage 2 reads: Arrow IPC stream files.
 
-    from pipeline.activations import write_activations, read_activations
+    from pipeline.io.activations import write_activations, read_activations
     write_activations(path, ids, vectors, n_tokens, metadata={"layer": "20"}, errors={3: "why"})
     ids, vectors, n_tokens, metadata, row_errors = read_activations(path)   # vectors: np.float32 [N, d_model]
 

@@ -1,6 +1,6 @@
 """Token-budget batching: sort rows by length, fill each batch up to a padded-token budget.
 
-    from pipeline.batching import token_budget_batches
+    from pipeline.engines.batching import token_budget_batches
     batches = token_budget_batches([12, 300, 15, 40], max_tokens=1024)   # lists of row indices
 
 Sorting happens within one chunk (a bounded window), so memory stays bounded and the caller

@@ -7,7 +7,7 @@
       00000-<stem>/chunk_00000.arrow  one file per chunk (extract: Arrow IPC; verbalize: Parquet)
       00000-<stem>/_COMPLETE          written last, once every chunk of the shard exists
 
-    from pipeline.layout import StageDir
+    from pipeline.io.layout import StageDir
     out = StageDir(cfg.extract.output_dir, suffix=".arrow", count_rows=count_rows)
     names = out.listing(["00000-train"])["00000-train"]     # one directory read, not a stat per chunk
     out.chunk_problem("00000-train", 3, expected_rows=256)  # None, or why the file cannot be trusted

@@ -1,0 +1,1 @@
+"""The compute engines: continuous-batching decoding, KV caches, shared prefixes, attention, batching."""

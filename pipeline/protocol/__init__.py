@@ -1,0 +1,1 @@
+"""The NLA protocol as data: the verbalizer prompt, injection and decoding rules."""
