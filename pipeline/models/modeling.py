@@ -47,7 +47,7 @@ def resolve_source(name: str, key: str) -> str:
 
 
 @contextlib.contextmanager
-def _load_errors(what: str, key: str, source: str):
+def load_errors(what: str, key: str, source: str):
     """Turn the many ways from_pretrained fails (offline, 404, bad files) into one readable line."""
     import transformers
 
@@ -72,7 +72,7 @@ def load_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     source = resolve_source(cfg.model.base, "model.base")
-    with _load_errors("the tokenizer", "model.base", source):
+    with load_errors("the tokenizer", "model.base", source):
         tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token is None:  # padding ids are never attended to; the attention mask is always explicit
         tok.pad_token = tok.eos_token
@@ -83,7 +83,7 @@ def load_model_config(cfg):
     from transformers import AutoConfig
 
     source = resolve_source(cfg.model.base, "model.base")
-    with _load_errors("the model config", "model.base", source):
+    with load_errors("the model config", "model.base", source):
         return AutoConfig.from_pretrained(source)
 
 
@@ -107,7 +107,7 @@ def load_extract_model(cfg, device: torch.device):
     dtype = resolve_dtype(cfg.model.dtype, device)
     kwargs = dict(config=config, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                   device_map={"": device})
-    with _load_errors("the base model", "model.base", source):
+    with load_errors("the base model", "model.base", source):
         if cfg.extract.with_adapter:
             # The card's behaviour, kept behind a flag: merge the LoRA into the truncated model.
             model = _apply_adapter(cfg, AutoModelForCausalLM.from_pretrained(source, **kwargs), merge=True).model
@@ -121,7 +121,7 @@ def _check_adapter_base(cfg, adapter_source: str) -> None:
     """Refuse an adapter trained on another base unless model.allow_adapter_base_mismatch is set."""
     from peft import PeftConfig
 
-    with _load_errors("the adapter config", "model.adapter", adapter_source):
+    with load_errors("the adapter config", "model.adapter", adapter_source):
         recorded = PeftConfig.from_pretrained(adapter_source).base_model_name_or_path
     if not recorded:
         return
@@ -144,7 +144,7 @@ def _apply_adapter(cfg, base_model, merge: bool):
         raise PipelineError("model.adapter is not set: stage 2 needs the verbalizer LoRA (HF id or directory)")
     source = resolve_source(cfg.model.adapter, "model.adapter")
     _check_adapter_base(cfg, source)
-    with _load_errors("the adapter", "model.adapter", source):
+    with load_errors("the adapter", "model.adapter", source):
         model = PeftModel.from_pretrained(base_model, source)
     return model.merge_and_unload() if merge else model
 
@@ -155,7 +155,7 @@ def load_verbalizer_model(cfg, device: torch.device):
 
     source = resolve_source(cfg.model.base, "model.base")
     dtype = resolve_dtype(cfg.model.dtype, device)
-    with _load_errors("the base model", "model.base", source):
+    with load_errors("the base model", "model.base", source):
         base = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device), device_map={"": device}
         )

@@ -28,8 +28,9 @@ import yaml
 from pipeline.engines.attention import resolve_attention
 from pipeline.errors import PipelineError
 from pipeline.stages.extract import extract_vectors
-from pipeline.models.modeling import (_load_errors, load_model_config, load_tokenizer, model_identity, resolve_dtype,
-                               resolve_source)
+from pipeline.models.modeling import (load_errors, load_model_config, load_tokenizer, model_identity, resolve_dtype,
+                                      resolve_source)
+from pipeline.protocol.nla_meta import LAYER_KEYS, META, Sidecar, checkpoint_files, read_sidecar
 from pipeline.engines.prefix import SharedPrefix
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,12 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 PLACEHOLDER = "{explanation}"
 VALUE_HEAD = "value_head.safetensors"
-META = "nla_meta.yaml"
-AR_ROLES = ("ar", "critic", "reconstructor")
-# Where a sidecar keeps the template and the layer, first found wins (schema_version 2 and its variants).
+# Where a sidecar keeps the template, first found wins (schema_version 2 and its variants).
 TEMPLATE_KEYS = ("prompt_templates.reconstructor", "prompt_templates.critic", "prompt_templates.ar")
-LAYER_KEYS = ("critic.extraction_layer_index", "extraction_layer_index", "extraction.layer_index")
+# The AR reads at its critic layer when the sidecar names one; then the generic layer keys.
+AR_LAYER_KEYS = ("critic.extraction_layer_index",) + tuple(k for k in LAYER_KEYS if k != "critic.extraction_layer_index")
 # Small files enough to resolve a Hub checkpoint: its weights are fetched only by load_reconstructor.
-_METADATA_FILES = ["config.json", "adapter_config.json", META, VALUE_HEAD]
+_METADATA_FILES = ["config.json", "adapter_config.json", VALUE_HEAD]
 # Explanation openings probed to find the template tokens no explanation can change (see _prefix_ids).
 _SEAM_PROBES = ["", "a", "A", " a", "1", ".", ">", "<", "\n", "{", "é", "你", "🙂"]
 
@@ -94,14 +94,6 @@ def check_width(spec: ReconstructorSpec, width: int, where: str) -> None:
         raise PipelineError(f"{where}: the reconstructor's d_model is {spec.d_model}, the vectors have {width}")
 
 
-def _local_files(source: str) -> Path:
-    """A local directory as is; for a Hub id, a snapshot of just its small metadata files."""
-    if os.path.isdir(source):
-        return Path(source)
-    from huggingface_hub import snapshot_download
-
-    with _load_errors("the reconstructor's metadata files", "model.reconstructor", source):
-        return Path(snapshot_download(source, allow_patterns=_METADATA_FILES))
 
 
 def _detect_format(name: str, local: Path) -> str:
@@ -115,32 +107,10 @@ def _detect_format(name: str, local: Path) -> str:
         f"(config.json + weights + {VALUE_HEAD}) or a LoRA AR (adapter_config.json); found {found}")
 
 
-def _read_meta(local: Path) -> dict:
-    path = local / META
-    if not path.exists():
-        return {}
-    try:
-        meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise PipelineError(f"{path}: cannot read it as YAML ({type(e).__name__}); fix or delete it") from e
-    if not isinstance(meta, dict):
-        raise PipelineError(f"{path}: expected a mapping at the top level")
-    role = meta.get("role")
-    if role is not None and role not in AR_ROLES:
-        raise PipelineError(f"{path}: role is {role!r}, not a reconstructor ({'|'.join(AR_ROLES)}): "
-                            "model.reconstructor must name an AR checkpoint, not a verbalizer")
-    return meta
 
 
-def _get(meta, dotted: str):
-    for k in dotted.split("."):
-        meta = meta.get(k) if isinstance(meta, dict) else None
-    return meta
 
 
-def _first(meta: dict, names: tuple[str, ...]):
-    """(name, value) of the first of ``names`` the sidecar sets, else (None, None)."""
-    return next(((n, _get(meta, n)) for n in names if _get(meta, n) is not None), (None, None))
 
 
 def _pick(config_value, meta_value, default):
@@ -152,35 +122,35 @@ def _pick(config_value, meta_value, default):
     return default, "default"
 
 
-def _template(cfg, meta: dict, meta_path: Path) -> tuple[str, str]:
-    name, meta_value = _first(meta, TEMPLATE_KEYS)
+def _template(cfg, meta: Sidecar) -> tuple[str, str]:
+    name, meta_value = meta.first(TEMPLATE_KEYS)
     template, source = _pick(cfg.reconstructor.prompt_template, meta_value, DEFAULT_TEMPLATE)
     n = template.count(PLACEHOLDER) if isinstance(template, str) else 0
     if n != 1:
-        key = "reconstructor.prompt_template" if source == "config" else f"{meta_path} {name}"
+        key = "reconstructor.prompt_template" if source == "config" else meta.where(name)
         raise PipelineError(f"{key}: the AR prompt template must contain {PLACEHOLDER} exactly once "
                             f"(found {n} in {template!r})")
     return template, source
 
 
-def _layer(cfg, meta: dict, meta_path: Path, fmt: str, num_layers: int) -> tuple[int, str]:
-    name, meta_value = _first(meta, LAYER_KEYS)
+def _layer(cfg, meta: Sidecar, fmt: str, num_layers: int) -> tuple[int, str]:
+    name, meta_value = meta.first(AR_LAYER_KEYS)
     default = num_layers - 1 if fmt == "value_head" else cfg.extract.layer
     layer, source = _pick(cfg.reconstructor.layer, meta_value, default)
-    key = {"config": "reconstructor.layer", META: f"{meta_path} {name}", "default": "extract.layer"}[source]
+    key = {"config": "reconstructor.layer", META: meta.where(name), "default": "extract.layer"}[source]
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise PipelineError(f"{key}: layer {layer!r} is outside the reconstructor's {num_layers} layers "
                             f"(0..{num_layers - 1})")
     return layer, source
 
 
-def _mse_scale(cfg, meta: dict, meta_path: Path, d_model: int) -> tuple[float, str]:
-    raw = _get(meta, "extraction.mse_scale")
+def _mse_scale(cfg, meta: Sidecar, d_model: int) -> tuple[float, str]:
+    raw = meta.get("extraction.mse_scale")
     if raw == "sqrt_d_model":  # the release's symbolic value
         raw = math.sqrt(d_model)
     elif isinstance(raw, str) and raw.lower() in ("raw", "none"):
         log.warning("%s: extraction.mse_scale is %r (no normalization); the score normalizes to sqrt(d_model) "
-                    "unless reconstructor.mse_scale is set", meta_path, raw)
+                    "unless reconstructor.mse_scale is set", meta.path, raw)
         raw = None
     given, source = _pick(cfg.reconstructor.mse_scale, raw, math.sqrt(d_model))
     try:
@@ -188,7 +158,7 @@ def _mse_scale(cfg, meta: dict, meta_path: Path, d_model: int) -> tuple[float, s
     except (TypeError, ValueError):
         scale = float("nan")
     if not 0 < scale < math.inf:
-        key = "reconstructor.mse_scale" if source == "config" else f"{meta_path} extraction.mse_scale"
+        key = "reconstructor.mse_scale" if source == "config" else meta.where("extraction.mse_scale")
         raise PipelineError(f"{key}: mse_scale must be a positive number, got {given!r}")
     return scale, source
 
@@ -215,7 +185,7 @@ def _check_lora_base(cfg, source: str) -> None:
     """Refuse a LoRA AR trained on another base, unless model.allow_adapter_base_mismatch is set."""
     from peft import PeftConfig
 
-    with _load_errors("the adapter config", "model.reconstructor", source):
+    with load_errors("the adapter config", "model.reconstructor", source):
         recorded = PeftConfig.from_pretrained(source).base_model_name_or_path
     base = cfg.model.base
     if not recorded or recorded == base or (
@@ -244,12 +214,11 @@ def resolve_reconstructor(cfg) -> ReconstructorSpec:
         raise PipelineError("model.reconstructor is not set: the score stage needs an activation reconstructor "
                             "(HF id, local directory, or builtin:tiny-ar)")
     source = resolve_source(name, "model.reconstructor")
-    local = _local_files(source)
+    local = checkpoint_files(source, "model.reconstructor", _METADATA_FILES)
     fmt = _detect_format(name, local)
-    meta = _read_meta(local)
-    meta_path = local / META
+    meta = read_sidecar(local, role="reconstructor", key="model.reconstructor")
     if fmt == "value_head":
-        with _load_errors("the reconstructor's config", "model.reconstructor", str(local)):
+        with load_errors("the reconstructor's config", "model.reconstructor", str(local)):
             model_config = AutoConfig.from_pretrained(local)
         base_identity = None
     else:
@@ -261,11 +230,11 @@ def resolve_reconstructor(cfg) -> ReconstructorSpec:
         model_config = load_model_config(cfg)
         base_identity = model_identity(resolve_source(cfg.model.base, "model.base"))
     d_model, num_layers = model_config.hidden_size, model_config.num_hidden_layers
-    if meta.get("d_model") is not None and meta["d_model"] != d_model:
-        raise PipelineError(f"{meta_path}: d_model is {meta['d_model']}, but the model's hidden_size is {d_model}")
-    template, template_from = _template(cfg, meta, meta_path)
-    layer, layer_from = _layer(cfg, meta, meta_path, fmt, num_layers)
-    mse_scale, scale_from = _mse_scale(cfg, meta, meta_path, d_model)
+    if meta.get("d_model") is not None and meta.get("d_model") != d_model:
+        raise PipelineError(f"{meta.path}: d_model is {meta.get('d_model')}, but the model's hidden_size is {d_model}")
+    template, template_from = _template(cfg, meta)
+    layer, layer_from = _layer(cfg, meta, fmt, num_layers)
+    mse_scale, scale_from = _mse_scale(cfg, meta, d_model)
     head = local / VALUE_HEAD if (local / VALUE_HEAD).exists() else None
     if head is not None:
         _check_value_head(head, d_model)
@@ -289,16 +258,16 @@ def _load_trunk(cfg, spec: ReconstructorSpec, device: torch.device, kwargs: dict
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     if spec.format == "value_head":
-        with _load_errors("the reconstructor", "model.reconstructor", spec.source):
+        with load_errors("the reconstructor", "model.reconstructor", spec.source):
             config = _truncate(AutoConfig.from_pretrained(spec.source), spec.layer)
             return AutoModel.from_pretrained(spec.source, config=config, **kwargs)
     from peft import PeftModel
 
     base = resolve_source(cfg.model.base, "model.base")
-    with _load_errors("the base model", "model.base", base):
+    with load_errors("the base model", "model.base", base):
         model = AutoModelForCausalLM.from_pretrained(base, config=_truncate(load_model_config(cfg), spec.layer),
                                                      **kwargs)
-    with _load_errors("the reconstructor adapter", "model.reconstructor", spec.source):
+    with load_errors("the reconstructor adapter", "model.reconstructor", spec.source):
         model = PeftModel.from_pretrained(model, spec.source).merge_and_unload()
     return model.model
 
@@ -332,7 +301,8 @@ def _prefix_ids(tokenizer, spec: ReconstructorSpec) -> list[int]:
 
 def _check_suffix(tokenizer, spec: ReconstructorSpec) -> None:
     """A sidecar's tokens.critic_suffix_ids are how the template ended in training: warn when ours differs."""
-    suffix = _get(_read_meta(Path(spec.local_dir)), "tokens.critic_suffix_ids") if spec.local_dir else None
+    meta = read_sidecar(Path(spec.local_dir), role="reconstructor", key="model.reconstructor") if spec.local_dir else None
+    suffix = meta.get("tokens.critic_suffix_ids") if meta else None
     if not suffix:
         return
     ids = tokenizer(spec.template.replace(PLACEHOLDER, ""), add_special_tokens=spec.add_special_tokens)["input_ids"]
@@ -352,7 +322,7 @@ def load_reconstructor(cfg, spec: ReconstructorSpec, device: torch.device) -> Re
     trunk.norm = torch.nn.Identity()
     trunk = trunk.eval().requires_grad_(False)
     if spec.format == "value_head":
-        with _load_errors("the reconstructor's tokenizer", "model.reconstructor", spec.source):
+        with load_errors("the reconstructor's tokenizer", "model.reconstructor", spec.source):
             tokenizer = AutoTokenizer.from_pretrained(spec.source)
         if tokenizer.pad_token is None:  # padding is never attended to: the attention mask is explicit
             tokenizer.pad_token = tokenizer.eos_token
