@@ -72,8 +72,12 @@ def _resolve_models(cfg, command: str) -> None:
     from pipeline.models.modeling import resolve_source
 
     resolve_source(cfg.model.base, "model.base")
-    if cfg.model.adapter and command in ("verbalize", "run"):
+    # extract and score read the verbalizer's sidecar too when extract.layer is left to it
+    wants_verbalizer = command in ("verbalize", "run") or not cfg.is_set("extract.layer")
+    if cfg.model.adapter and wants_verbalizer:
         resolve_source(cfg.model.adapter, "model.adapter")
+    if cfg.model.verbalizer and wants_verbalizer:
+        resolve_source(cfg.model.verbalizer, "model.verbalizer")
     if cfg.model.reconstructor and command in ("score", "run"):
         resolve_source(cfg.model.reconstructor, "model.reconstructor")
 

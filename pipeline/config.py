@@ -32,7 +32,10 @@ def _f(default, help: str, **kw):
 @dataclass
 class ModelConfig:
     base: str = _f("Qwen/Qwen2.5-7B-Instruct", "base model: HF id, local directory, or builtin:tiny")
-    adapter: str | None = _f(None, "verbalizer LoRA: HF id, local directory, or builtin:tiny-lora (stage 2)")
+    adapter: str | None = _f(None, "verbalizer LoRA on model.base: HF id, local directory, or builtin:tiny-lora "
+                             "(stage 2); set this or model.verbalizer, not both")
+    verbalizer: str | None = _f(None, "fully fine-tuned verbalizer (AV), used in stage 2 in place of model.base + "
+                                "model.adapter: HF id or local directory; stage 1 still reads model.base")
     dtype: str = _f("auto", "auto|bfloat16|float16|float32; auto is bfloat16 on CUDA, float32 on CPU")
     device: str = _f("auto", "auto|cpu|cuda; auto picks this process's GPU when there is one")
     attn_implementation: str = _f("auto", "auto (CPU: sdpa_gqa, CUDA: sdpa), sdpa_gqa (grouped-KV SDPA + shared-prefix "
@@ -66,10 +69,13 @@ class VerbalizerConfig:
     chat_template: bool = _f(False, "wrap the prompt in the chat template as one user message")
     add_special_tokens: bool = _f(True, "add_special_tokens when encoding the prompt")
     injection_char: str = _f("㈎", "the character whose embedding is replaced by the activation")
+    injection_token_id: int | None = _f(None, "the id injection_char must encode to (checked); null: not checked")
     injection_norm: float = _f(150.0, "L2 norm each vector is normalized to (never multiplied by)")
     depth_pct: int | None = _f(None, "depth named in the prompt; null means round(100*(layer+0.5)/num_layers)")
     neighbor_token_ids: list[int] | None = _f(None, "optional [left, right] token ids required beside the injection token")
     stop_string: str | None = _f("</explanation>", "text that ends an explanation (cut, not kept); null for none")
+    start_string: str | None = _f(None, "text the output opens with before the explanation (cut with what precedes "
+                                  "it), e.g. <explanation>; null for none")
 
 
 @dataclass
@@ -80,8 +86,10 @@ class GenerationConfig:
     temperature: float = _f(0.7, "used only when do_sample is true")
     top_p: float = _f(0.8, "used only when do_sample is true")
     top_k: int = _f(20, "used only when do_sample is true")
-    eos_token_ids: list[int] = _f([151645, 151643], "token ids that end generation")
-    pad_token_id: int = _f(151643, "pad id for finished rows")
+    eos_token_ids: list[int] | None = _f(None, "token ids that end generation; null: the verbalizer's "
+                                         "generation_config.json, else its tokenizer's eos; [] for none (a token cap)")
+    pad_token_id: int | None = _f(None, "pad id for finished rows; null: the verbalizer's generation_config.json, "
+                                  "else its tokenizer's pad or eos")
 
 
 @dataclass
@@ -128,6 +136,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def is_set(self, key: str) -> bool:
+        """Whether the user set ``key`` (dotted) in a YAML file (inherited ones included) or on the
+        command line. Such a value wins over a checkpoint's nla_meta.yaml; a default does not."""
+        return key in getattr(self, "_explicit", ())
+
     @property
     def verbalize_input_dir(self) -> str:
         return self.verbalize.input_dir or self.extract.output_dir
@@ -159,7 +172,7 @@ def _check_type(value, tp, key: str):
     return value
 
 
-def _apply(obj, updates: dict, prefix: str = "") -> None:
+def _apply(obj, updates: dict, prefix: str = "", explicit: set | None = None) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for k, v in updates.items():
@@ -170,9 +183,11 @@ def _apply(obj, updates: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(current):
             if not isinstance(v, dict):
                 raise PipelineError(f"config key {key}: expected a mapping of its sub-keys")
-            _apply(current, v, key + ".")
+            _apply(current, v, key + ".", explicit)
         else:
             setattr(obj, k, _check_type(v, hints[k], key))
+            if explicit is not None:
+                explicit.add(key)
 
 
 def _parse_override(item: str) -> dict:
@@ -189,7 +204,7 @@ def _parse_override(item: str) -> dict:
     return nested
 
 
-def _load_yaml(cfg: Config, path: Path, seen: tuple = ()) -> None:
+def _load_yaml(cfg: Config, path: Path, explicit: set, seen: tuple = ()) -> None:
     """Apply one YAML file; ``inherit: other.yaml`` (relative to it) is applied first."""
     if path.resolve() in seen:
         raise PipelineError(f"config {path}: 'inherit' loops back to itself")
@@ -203,16 +218,18 @@ def _load_yaml(cfg: Config, path: Path, seen: tuple = ()) -> None:
         raise PipelineError(f"config {path}: expected a mapping at the top level")
     parent = data.pop("inherit", None)
     if parent:
-        _load_yaml(cfg, path.parent / parent, seen + (path.resolve(),))
-    _apply(cfg, data)
+        _load_yaml(cfg, path.parent / parent, explicit, seen + (path.resolve(),))
+    _apply(cfg, data, explicit=explicit)
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple = ()) -> Config:
     cfg = Config()
+    explicit: set[str] = set()
     if path:
-        _load_yaml(cfg, Path(path))
+        _load_yaml(cfg, Path(path), explicit)
     for item in overrides:
-        _apply(cfg, _parse_override(item))
+        _apply(cfg, _parse_override(item), explicit=explicit)
+    cfg._explicit = frozenset(explicit)  # not a field: never saved, never a key a user can set
     _validate(cfg)
     return cfg
 
@@ -233,6 +250,10 @@ def _validate(cfg: Config) -> None:
                        ("generation.max_new_tokens", cfg.generation.max_new_tokens)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+    if cfg.model.adapter and cfg.model.verbalizer:
+        raise PipelineError(f"config keys model.adapter ({cfg.model.adapter!r}) and model.verbalizer "
+                            f"({cfg.model.verbalizer!r}) are both set: stage 2 runs either a LoRA on model.base "
+                            "or a fully fine-tuned verbalizer; set one to null")
     # Each stage owns its directory (fingerprint, markers, --overwrite): two stages must not share one.
     dirs = {"extract.output_dir": cfg.extract.output_dir, "verbalize.output_dir": cfg.verbalize.output_dir,
             "score.output_dir": cfg.score.output_dir}

@@ -25,6 +25,7 @@ There is no collective once work starts: a rank with less work simply exits.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from pipeline.config import fingerprint
+from pipeline.io.layout import PROTOCOL
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,10 @@ def prepare_output(stage, cfg, overwrite: bool) -> str:
     if overwrite:
         stage.out.wipe(stage.name, f"{stage.name}.output_dir")
     stage.out.check_fingerprint(fp, settings)
-    stage.out.write_fingerprint(fp, settings, cfg.to_dict())
+    stage.out.write_fingerprint(fp, settings, getattr(stage, "cfg", cfg).to_dict())  # resolved
+    if hasattr(stage, "protocol_record"):  # each value of the protocol and where it came from
+        record = json.dumps(stage.protocol_record(), indent=1, ensure_ascii=False, sort_keys=True)
+        stage.out.write_atomic(stage.out.root / PROTOCOL, lambda tmp: tmp.write_text(record, encoding="utf-8"))
     removed = stage.out.clean_stale_tmp()
     if removed:
         log.info("%s: removed %d temporary file(s) left by an interrupted run", stage.name, removed)

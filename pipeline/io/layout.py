@@ -42,6 +42,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "_fingerprint.json"
+PROTOCOL = "_protocol.json"  # each protocol value and its source (config, nla_meta.yaml, default)
 COMPLETE = "_COMPLETE"
 TMP_MARK = ".tmp-"
 SHARD_DIR = re.compile(r"^\d{5}-")

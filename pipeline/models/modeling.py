@@ -3,7 +3,8 @@
     from pipeline.models.modeling import load_tokenizer, load_extract_model, load_verbalizer_model
     tok = load_tokenizer(cfg)
     trunk = load_extract_model(cfg, device)       # layers 0..layer only, final norm removed
-    model = load_verbalizer_model(cfg, device)    # full model with the adapter, merged if asked
+    vtok = load_tokenizer(cfg, "model.verbalizer")  # the verbalizer's own tokenizer, when it is a full fine-tune
+    model = load_verbalizer_model(cfg, device)    # model.verbalizer, or model.base + model.adapter (merged if asked)
 
 Every loader goes through ``from_pretrained`` exactly as a Hub model would, so the tiny offline
 model (``builtin:tiny``) exercises the real code path. Load failures become one-line PipelineErrors.
@@ -68,22 +69,33 @@ def load_errors(what: str, key: str, source: str):
         transformers.logging.set_verbosity(previous)
 
 
-def load_tokenizer(cfg):
+def verbalizer_source(cfg) -> tuple[str, str]:
+    """(config key, resolved source) of the model stage 2 runs: model.verbalizer, else model.base."""
+    if cfg.model.verbalizer:
+        return "model.verbalizer", resolve_source(cfg.model.verbalizer, "model.verbalizer")
+    return "model.base", resolve_source(cfg.model.base, "model.base")
+
+
+def load_tokenizer(cfg, role: str = "model.base"):
+    """model.base's tokenizer; with role="model.verbalizer", the verbalizer's (model.base's for a LoRA)."""
     from transformers import AutoTokenizer
 
-    source = resolve_source(cfg.model.base, "model.base")
-    with load_errors("the tokenizer", "model.base", source):
+    key, source = verbalizer_source(cfg) if role == "model.verbalizer" else ("model.base",
+                                                                            resolve_source(cfg.model.base, "model.base"))
+    with load_errors("the tokenizer", key, source):
         tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token is None:  # padding ids are never attended to; the attention mask is always explicit
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_model_config(cfg):
+def load_model_config(cfg, role: str = "model.base"):
+    """model.base's config; with role="model.verbalizer", the verbalizer's (model.base's for a LoRA)."""
     from transformers import AutoConfig
 
-    source = resolve_source(cfg.model.base, "model.base")
-    with load_errors("the model config", "model.base", source):
+    key, source = verbalizer_source(cfg) if role == "model.verbalizer" else ("model.base",
+                                                                            resolve_source(cfg.model.base, "model.base"))
+    with load_errors("the model config", key, source):
         return AutoConfig.from_pretrained(source)
 
 
@@ -141,7 +153,8 @@ def _apply_adapter(cfg, base_model, merge: bool):
     from peft import PeftModel
 
     if not cfg.model.adapter:
-        raise PipelineError("model.adapter is not set: stage 2 needs the verbalizer LoRA (HF id or directory)")
+        raise PipelineError("neither model.adapter nor model.verbalizer is set: stage 2 needs a verbalizer "
+                            "(a LoRA on model.base, or a fully fine-tuned checkpoint; HF id or directory)")
     source = resolve_source(cfg.model.adapter, "model.adapter")
     _check_adapter_base(cfg, source)
     with load_errors("the adapter", "model.adapter", source):
@@ -150,16 +163,18 @@ def _apply_adapter(cfg, base_model, merge: bool):
 
 
 def load_verbalizer_model(cfg, device: torch.device):
-    """The full base model with the verbalizer LoRA, merged into the weights when verbalize.merge_lora."""
+    """model.verbalizer as it is (a full fine-tune), or model.base with the model.adapter LoRA,
+    merged into the weights when verbalize.merge_lora."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_source(cfg.model.base, "model.base")
+    key, source = verbalizer_source(cfg)
     dtype = resolve_dtype(cfg.model.dtype, device)
-    with load_errors("the base model", "model.base", source):
-        base = AutoModelForCausalLM.from_pretrained(
+    with load_errors("the verbalizer" if cfg.model.verbalizer else "the base model", key, source):
+        model = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device), device_map={"": device}
         )
-    model = _apply_adapter(cfg, base, merge=cfg.verbalize.merge_lora)
+    if not cfg.model.verbalizer:
+        model = _apply_adapter(cfg, model, merge=cfg.verbalize.merge_lora)
     return model.eval().requires_grad_(False)
 
 

@@ -37,8 +37,11 @@ def depth_percent(layer: int, num_layers: int) -> int:
     return round(100 * (layer + 0.5) / num_layers)
 
 
-def build_prompt(tokenizer, vcfg, depth_pct: int) -> VerbalizerPrompt:
-    """Fill the template, encode it once, and check the injection token occurs exactly once."""
+def build_prompt(tokenizer, vcfg, depth_pct: int, where=lambda key: key) -> VerbalizerPrompt:
+    """Fill the template, encode it once, and check the injection token occurs exactly once.
+
+    ``where(key)`` names a key in errors (pipeline.protocol.resolve adds where its value came from).
+    """
     if not vcfg.prompt_template:
         raise PipelineError("verbalizer.prompt_template is empty: set it in the config (see configs/)")
     # str.replace, not str.format: templates may hold other braces (JSON examples and the like).
@@ -46,9 +49,15 @@ def build_prompt(tokenizer, vcfg, depth_pct: int) -> VerbalizerPrompt:
     char_ids = tokenizer.encode(vcfg.injection_char, add_special_tokens=False)
     if len(char_ids) != 1:
         raise PipelineError(
-            f"verbalizer.injection_char {vcfg.injection_char!r} encodes to {len(char_ids)} tokens {char_ids}, not one"
+            f"{where('verbalizer.injection_char')} {vcfg.injection_char!r} encodes to {len(char_ids)} tokens "
+            f"{char_ids}, not one"
         )
     injection_id = char_ids[0]
+    if vcfg.injection_token_id is not None and injection_id != vcfg.injection_token_id:
+        raise PipelineError(
+            f"{where('verbalizer.injection_token_id')} is {vcfg.injection_token_id}, but the tokenizer encodes "
+            f"{vcfg.injection_char!r} as {injection_id}: the checkpoint was trained with another tokenizer or vocabulary"
+        )
     if vcfg.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
@@ -56,7 +65,7 @@ def build_prompt(tokenizer, vcfg, depth_pct: int) -> VerbalizerPrompt:
     positions = [i for i, t in enumerate(ids) if t == injection_id]
     if len(positions) != 1:
         raise PipelineError(
-            f"verbalizer.prompt_template must contain the injection token {vcfg.injection_char!r} exactly once "
+            f"{where('verbalizer.prompt_template')} must contain the injection token {vcfg.injection_char!r} exactly once "
             f"(as {{injection_char}}); it occurs {len(positions)} times"
         )
     pos = positions[0]
@@ -65,7 +74,7 @@ def build_prompt(tokenizer, vcfg, depth_pct: int) -> VerbalizerPrompt:
         right = ids[pos + 1] if pos + 1 < len(ids) else None
         if [left, right] != list(vcfg.neighbor_token_ids):
             raise PipelineError(
-                f"verbalizer.neighbor_token_ids: expected {list(vcfg.neighbor_token_ids)} around the injection "
+                f"{where('verbalizer.neighbor_token_ids')}: expected {list(vcfg.neighbor_token_ids)} around the injection "
                 f"token, the prompt has [{left}, {right}]"
             )
     return VerbalizerPrompt(ids, pos, injection_id, text, depth_pct)
@@ -113,11 +122,13 @@ def _stop_index(tokenizer, tokens: list[int], stop_string: str) -> int | None:
     return lo
 
 
-def decode_row(tokenizer, tokens: list[int], eos_ids: list[int], stop_string: str | None) -> tuple[str, bool, int]:
+def decode_row(tokenizer, tokens: list[int], eos_ids: list[int], stop_string: str | None,
+               start_string: str | None = None) -> tuple[str, bool, int]:
     """(explanation, finished, n_generated) of one generated row.
 
     ``n_generated`` counts tokens up to and including the one that produced EOS or completed the stop
-    string; the explanation is the text before the stop string, stripped.
+    string; the explanation is the text before the stop string and, when the output opens with
+    ``start_string`` (the release's AV writes ``<explanation>`` itself), after it; stripped.
     """
     ends = [i + 1 for i, t in enumerate(tokens) if t in eos_ids][:1]
     if stop_string:
@@ -128,4 +139,6 @@ def decode_row(tokenizer, tokens: list[int], eos_ids: list[int], stop_string: st
     text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
     if stop_string and stop_string in text:
         text = text.split(stop_string, 1)[0]
+    if start_string and start_string in text:
+        text = text.split(start_string, 1)[1]
     return text.strip(), bool(ends), n

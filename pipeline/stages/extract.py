@@ -23,6 +23,7 @@ from pipeline.engines.batching import token_budget_batches
 from pipeline.driver import Unit
 from pipeline.io.layout import StageDir
 from pipeline.models.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
+from pipeline.protocol.resolve import resolve_protocol
 from pipeline.engines.prefix import SharedPrefix
 from pipeline.io.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
 
@@ -151,7 +152,10 @@ class ExtractStage:
     name = "extract"
 
     def __init__(self, cfg, rt, trunk=None, tokenizer=None):
-        self.cfg, self.rt = cfg, rt
+        # extract.layer, when the user left it unset, comes from the verbalizer's nla_meta.yaml.
+        self.protocol = resolve_protocol(cfg, stage="extract")
+        self.cfg = cfg = self.protocol.cfg
+        self.rt = rt
         self.out = StageDir(cfg.extract.output_dir, suffix=".arrow", count_rows=count_rows)
         self.trunk, self.tokenizer = trunk, tokenizer
         self.shards = None  # resolved by plan(), on rank 0 only (each input file's footer is read once)
@@ -163,6 +167,11 @@ class ExtractStage:
         self.shards = resolve_shards(self.cfg.data)
         warn_duplicate_ids(self.shards, self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
+
+    def protocol_record(self) -> dict:
+        """Saved as _protocol.json by rank 0 (the driver): the layer and where it came from."""
+        self.protocol.log(self.name)
+        return self.protocol.record()
 
     def shard_info(self, shard_name: str, units: list[Unit]) -> dict:
         """Every chunk of an input shard is planned up front, so the plan's units are the whole shard."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +35,7 @@ from pipeline.driver import Unit
 from pipeline.errors import PipelineError
 from pipeline.io.layout import FINGERPRINT, StageDir
 from pipeline.stages.verbalize import parquet_rows
+from pipeline.protocol.nla_meta import META
 from pipeline.protocol.verbalizer import vector_problem
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,11 @@ class ScoreStage:
     def __init__(self, cfg, rt, recon=None):
         from pipeline.models.reconstructor import resolve_reconstructor
 
-        self.cfg, self.rt = cfg, rt
+        from pipeline.protocol.resolve import resolve_protocol
+
+        # extract.layer (a LoRA AR's default read layer) resolved as stage 1 resolves it.
+        self.cfg = cfg = resolve_protocol(cfg, stage="extract").cfg
+        self.rt = rt
         self.inp = StageDir(cfg.score_input_dir, ".parquet", count_rows=parquet_rows)
         self.acts = StageDir(cfg.verbalize_input_dir, ".arrow", count_rows=count_rows)
         self.out = StageDir(cfg.score.output_dir, ".parquet", count_rows=parquet_rows)
@@ -128,6 +134,16 @@ class ScoreStage:
             raise PipelineError(f"score.input_dir {self.inp.root}: no explanation files (run verbalize first)")
         self.shared = self.baseline([u.source.activations for u in units])
         return units
+
+    def protocol_record(self) -> dict:
+        """Saved as _protocol.json by rank 0 (the driver): the reconstructor's protocol and its sources."""
+        spec = self.spec
+        values = {"reconstructor.format": (spec.format, "the checkpoint's files"),
+                  "reconstructor.prompt_template": (spec.template, spec.sources.get("template")),
+                  "reconstructor.layer": (spec.layer, spec.sources.get("layer")),
+                  "reconstructor.mse_scale": (spec.mse_scale, spec.sources.get("mse_scale"))}
+        return {"sidecar": str(Path(spec.local_dir) / META) if (Path(spec.local_dir) / META).exists() else None,
+                "values": {k: {"value": v, "source": src} for k, (v, src) in values.items()}}
 
     def log_protocol(self) -> None:
         spec = self.spec

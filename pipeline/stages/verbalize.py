@@ -36,7 +36,9 @@ from pipeline.models.modeling import (
     model_identity,
     resolve_dtype,
     resolve_source,
+    verbalizer_source,
 )
+from pipeline.protocol.resolve import resolve_protocol
 from pipeline.protocol.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def hf_generation_config(gcfg, stop_string: str | None):
     from transformers import GenerationConfig
 
     kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample,
-                  repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids),
+                  repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids) or None,
                   pad_token_id=gcfg.pad_token_id, stop_strings=[stop_string] if stop_string else None)
     if gcfg.do_sample:
         kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k)
@@ -93,7 +95,7 @@ def generate_explanations(model, tokenizer, prompt, vectors: torch.Tensor, cfg) 
         tokenizer=tokenizer,
     )  # [batch, new_tokens]: only the generated tokens, since no input_ids were given
     eos = list(cfg.generation.eos_token_ids)
-    return [decode_row(tokenizer, row.tolist(), eos, stop) for row in out.cpu()]
+    return [decode_row(tokenizer, row.tolist(), eos, stop, cfg.verbalizer.start_string) for row in out.cpu()]
 
 
 @dataclass
@@ -118,18 +120,22 @@ class VerbalizeStage:
     name = "verbalize"
 
     def __init__(self, cfg, rt, model=None, tokenizer=None):
-        self.cfg, self.rt = cfg, rt
+        self.rt = rt
         self.inp = StageDir(cfg.verbalize_input_dir, suffix=".arrow", count_rows=count_rows)
         self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet", count_rows=parquet_rows)
         self.fingerprint: str | None = None  # set by the driver from rank 0's settings
-        self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg)
-        model_cfg = load_model_config(cfg)
-        self.d_model = model_cfg.hidden_size
+        # Every protocol value resolved (config > the verbalizer's nla_meta.yaml > default) before any work.
+        self.source_key, self.source = verbalizer_source(cfg)
+        self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg, "model.verbalizer")
+        self.protocol = resolve_protocol(cfg).with_special_tokens(self.tokenizer, self.source)
+        self.cfg = cfg = self.protocol.cfg
+        self.d_model = load_model_config(cfg, "model.verbalizer").hidden_size
+        self.protocol.check_d_model(self.d_model, f"{self.source_key} {self.source}")
         depth = cfg.verbalizer.depth_pct
-        if depth is None:
-            depth = depth_percent(cfg.extract.layer, model_cfg.num_hidden_layers)
-        # Built (and checked) before any model work: a bad template fails here.
-        self.prompt = build_prompt(self.tokenizer, cfg.verbalizer, depth)
+        if depth is None:  # the depth of the model whose activations these are
+            depth = depth_percent(cfg.extract.layer, load_model_config(cfg).num_hidden_layers)
+        # Built (and checked) before any model work: a bad template or token id fails here.
+        self.prompt = build_prompt(self.tokenizer, cfg.verbalizer, depth, where=self.protocol.where)
         self.dtype = str(resolve_dtype(cfg.model.dtype, rt.device)).replace("torch.", "")
 
     def plan(self) -> list[Unit]:
@@ -159,7 +165,7 @@ class VerbalizeStage:
     def _check_width(self, path, width: int | None) -> None:
         if width != self.d_model:
             raise PipelineError(
-                f"{path}: activations have width {width}, but model {self.cfg.model.base} has d_model {self.d_model}"
+                f"{path}: activations have width {width}, but the verbalizer {self.source} has d_model {self.d_model}"
             )
 
     def shard_info(self, shard_name: str, units: list[Unit]) -> dict | None:
@@ -169,6 +175,11 @@ class VerbalizeStage:
         marker = self.inp.shard_marker(shard_name)
         return marker if marker and "chunks" in marker and "rows" in marker else None
 
+    def protocol_record(self) -> dict:
+        """Saved as _protocol.json beside the outputs by rank 0 (the driver), and logged."""
+        self.protocol.log(self.name)
+        return self.protocol.record()
+
     def settings(self) -> dict:
         cfg = self.cfg
         input_fp = self.inp.root / FINGERPRINT
@@ -177,6 +188,7 @@ class VerbalizeStage:
             "input_fingerprint": json.loads(input_fp.read_text())["fingerprint"] if input_fp.exists() else None,
             "model.base": model_identity(resolve_source(cfg.model.base, "model.base")),
             "model.adapter": cfg.model.adapter,
+            "model.verbalizer": model_identity(self.source) if cfg.model.verbalizer else None,
             "model.dtype": self.dtype,
             "prompt_sha256": self.prompt.sha256,
             "depth_pct": self.prompt.depth_pct,
@@ -194,6 +206,7 @@ class VerbalizeStage:
                                    max_rows=cfg.verbalize.batch_size)
         self.metadata = {
             "nla_pipeline_version": __version__, "base_model": cfg.model.base, "adapter": str(cfg.model.adapter),
+            "verbalizer": str(cfg.model.verbalizer),
             "prompt_sha256": self.prompt.sha256, "depth_pct": str(self.prompt.depth_pct),
             "injection_norm": str(cfg.verbalizer.injection_norm), "stop_string": str(cfg.verbalizer.stop_string),
             "generation": json.dumps(vars(cfg.generation), sort_keys=True), "dtype": self.dtype,
@@ -207,7 +220,9 @@ class VerbalizeStage:
                 for r in generate_explanations(self.model, self.tokenizer, self.prompt, vectors[s : s + bs], self.cfg)]
 
     def _decode(self, tokens: list[int]) -> tuple[str, bool, int]:
-        return decode_row(self.tokenizer, tokens, list(self.cfg.generation.eos_token_ids), self.cfg.verbalizer.stop_string)
+        vcfg = self.cfg.verbalizer
+        return decode_row(self.tokenizer, tokens, list(self.cfg.generation.eos_token_ids), vcfg.stop_string,
+                          vcfg.start_string)
 
     def _load(self, unit: Unit) -> _Chunk:
         """Read one activation file and find its bad rows (they get an error, not a generation)."""
