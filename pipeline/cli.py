@@ -1,9 +1,10 @@
-"""Command line: ``nla-pipeline {extract,verbalize,score,run,status} --config FILE [key=value ...]``.
+"""Command line: ``nla-pipeline {extract,verbalize,score,run,status,report} --config FILE [key=value ...]``.
 
     nla-pipeline run --config configs/tiny.yaml                 # offline demo, CPU
     nla-pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml model.dtype=float32
     nla-pipeline verbalize --config configs/qwen2.5-7b-l20-av-v2.yaml --overwrite
     nla-pipeline score --config configs/tiny.yaml
+    nla-pipeline report --config configs/tiny.yaml              # one HTML page: plots, throughput, explanations
     accelerate launch --num_processes 8 -m pipeline run --config configs/qwen2.5-7b-l20-av-v2.yaml
 
 Every PipelineError becomes one line on stderr and exit status 1; nothing else is caught.
@@ -25,6 +26,7 @@ COMMANDS = {
     "score": "stage 3: explanations -> reconstructed vectors, cosine and FVE (Parquet)",
     "run": "extract, then verbalize, then score when model.reconstructor is set",
     "status": "chunks done and pending, per stage",
+    "report": "one self-contained HTML page of a run: plots, throughput, a searchable table of explanations",
 }
 
 
@@ -41,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                            epilog="config keys:\n" + describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", "-c", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. model.dtype=float32")
-        if name != "status":
+        if name not in ("status", "report"):
             p.add_argument("--overwrite", action="store_true", help="delete this stage's previous output and start clean")
     return parser
 
@@ -53,6 +55,8 @@ def _dispatch(args) -> int:
 
         print_status(cfg)
         return 0
+    if args.command == "report":
+        return _report(cfg)
     from pipeline.runtime import init_runtime
 
     rt = init_runtime(cfg)
@@ -66,6 +70,18 @@ def _dispatch(args) -> int:
         return 1
     finally:
         rt.close()
+
+
+def _report(cfg) -> int:
+    """Write the page and print its path (the one line on stdout); progress goes to the log."""
+    import torch
+
+    from pipeline.report import write_report
+    from pipeline.runtime import Runtime
+
+    Runtime(0, 1, torch.device("cpu")).setup_logging(cfg.log_level)  # console only: the report writes no log file
+    print(write_report(cfg))
+    return 0
 
 
 def _resolve_models(cfg, command: str) -> None:

@@ -122,6 +122,15 @@ class ScoreConfig:
 
 
 @dataclass
+class ReportConfig:
+    output: str | None = _f(None, "HTML file 'nla-pipeline report' writes; null means report.html in the common "
+                            "parent of the stage output directories")
+    sample_rows: int = _f(2000, "rows in the page's table of explanations: a uniform random sample of the run, by id")
+    best_worst: int = _f(20, "rows in each of the best and the worst tables, by FVE (when scored)")
+    seed: int = _f(0, "seed of the table's sample (the same seed and ids give the same rows)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -131,6 +140,7 @@ class Config:
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
     reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     log_level: str = _f("INFO", "logging level for the console and the per-rank log files")
 
     def to_dict(self) -> dict:
@@ -247,13 +257,16 @@ def _validate(cfg: Config) -> None:
     for key, value in (("data.chunk_rows", cfg.data.chunk_rows), ("extract.max_batch_tokens", cfg.extract.max_batch_tokens),
                        ("verbalize.batch_size", cfg.verbalize.batch_size),
                        ("score.max_batch_tokens", cfg.score.max_batch_tokens),
-                       ("generation.max_new_tokens", cfg.generation.max_new_tokens)):
+                       ("generation.max_new_tokens", cfg.generation.max_new_tokens),
+                       ("report.sample_rows", cfg.report.sample_rows)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
     if cfg.model.adapter and cfg.model.verbalizer:
         raise PipelineError(f"config keys model.adapter ({cfg.model.adapter!r}) and model.verbalizer "
                             f"({cfg.model.verbalizer!r}) are both set: stage 2 runs either a LoRA on model.base "
                             "or a fully fine-tuned verbalizer; set one to null")
+    if cfg.report.best_worst < 0:
+        raise PipelineError(f"config key report.best_worst: must be at least 0, got {cfg.report.best_worst}")
     # Each stage owns its directory (fingerprint, markers, --overwrite): two stages must not share one.
     dirs = {"extract.output_dir": cfg.extract.output_dir, "verbalize.output_dir": cfg.verbalize.output_dir,
             "score.output_dir": cfg.score.output_dir}

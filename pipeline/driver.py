@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import fingerprint
 from pipeline.io.layout import PROTOCOL
+from pipeline.io.timing import TimingLog
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,11 @@ def process_units(stage, cfg, rt, units: list[Unit], mine: list[Unit]) -> StageR
     result = StageResult(stage.name, str(stage.out.root), skipped_chunks=len(mine) - len(pending))
     log.info("%s: %d chunk(s) in all; rank %d of %d takes %d, %d already done, %d to do", stage.name, len(units),
              rt.rank, rt.world_size, len(mine), result.skipped_chunks, len(pending))
+    timing = TimingLog(stage.out.timing_path(rt.rank), stage.name, rt.rank, rt.world_size)
     if pending:
+        timing.start(len(pending))
         stage.setup()
+        timing.ready()
     start = time.perf_counter()
     progress = _Progress(stage, rt, units, pending)
     left = {shard: len(us) for shard, us in _by_shard(pending).items()}  # this rank's units still to write
@@ -184,6 +188,7 @@ def process_units(stage, cfg, rt, units: list[Unit], mine: list[Unit]) -> StageR
             for unit, stats in _processed(stage, pending, progress.tick):
                 result.rows += unit.num_rows
                 result.chunks += 1
+                timing.chunk(unit, stats)  # per-rank throughput for `nla-pipeline report`
                 for k, v in stats.items():
                     result.stats[k] = result.stats.get(k, 0) + v
                 progress.chunk_done(unit)

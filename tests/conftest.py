@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,6 +96,18 @@ def tiny_overrides(tmp_path: Path, **extra) -> list[str]:
 
 
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, offline_cache, tiny_adapter_dir):
+    """One ``nla-pipeline run --config configs/tiny.yaml`` end to end, in a subprocess: (its output
+    directory, the finished process). Shared by the CLI test and the report tests; treat it as read-only."""
+    out = tmp_path_factory.mktemp("tiny-run")
+    env = {**os.environ, "NLA_PIPELINE_CACHE": str(offline_cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "pipeline", "run", "--config", TINY_CONFIG, *tiny_overrides(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 @pytest.fixture(scope="session")

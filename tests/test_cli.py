@@ -1,18 +1,14 @@
 """End to end through the installed entry point, in a subprocess, on the tiny offline model."""
-import os
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import REPO
 
 
-def test_run_command_end_to_end(tmp_path, offline_cache, tiny_adapter_dir):
-    env = {**os.environ, "NLA_PIPELINE_CACHE": str(offline_cache), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pipeline", "run", "--config", TINY_CONFIG, *tiny_overrides(tmp_path)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_run_command_end_to_end(tiny_run):
+    tmp_path, proc = tiny_run  # conftest: `nla-pipeline run --config configs/tiny.yaml`, once per session
     out = proc.stdout
     # Summary: rows, rows/s, where outputs are, three samples.
     assert "extract: 36 row(s)" in out and "verbalize: 36 row(s)" in out and "rows/s" in out

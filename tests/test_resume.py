@@ -130,7 +130,7 @@ def test_two_processes_match_one(tmp_path, inputs, baseline, offline_cache):
     assert_same(tmp_path, baseline)
     for stage in ("extract", "verbalize"):
         logs = sorted(p.name for p in (tmp_path / stage / "logs").iterdir())
-        assert logs == ["rank00000.log", "rank00001.log"]
+        assert logs == ["rank00000.log", "rank00000.timing.jsonl", "rank00001.log", "rank00001.timing.jsonl"]
         assert "rank 1 of 2" in (tmp_path / stage / "logs" / "rank00001.log").read_text()
 
 

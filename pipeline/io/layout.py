@@ -4,6 +4,7 @@
       _fingerprint.json               settings that change outputs; a resume must match them
       _config.yaml                    the resolved config of the last run
       logs/rank00000.log              one log per rank
+      logs/rank00000.timing.jsonl     one JSON line per chunk that rank wrote (pipeline.io.timing)
       00000-<stem>/chunk_00000.arrow  one file per chunk (extract: Arrow IPC; verbalize: Parquet)
       00000-<stem>/_COMPLETE          written last, once every chunk of the shard exists
 
@@ -131,6 +132,10 @@ class StageDir:
 
     def log_path(self, rank: int) -> Path:
         return self.root / "logs" / f"rank{rank:05d}.log"
+
+    def timing_path(self, rank: int) -> Path:
+        """One JSON line per chunk this rank wrote (pipeline.io.timing), read by ``nla-pipeline report``."""
+        return self.root / "logs" / f"rank{rank:05d}.timing.jsonl"
 
     @staticmethod
     def write_atomic(final: Path, write: Callable[[Path], None]) -> None:
@@ -264,7 +269,8 @@ class StageDir:
         file names ``stage``: an output directory pointed by mistake at the inputs, at ``.``, or at
         the other stage's output must not be emptied. Deleted: the shard directories' chunk files,
         markers and temporary files (a shard directory is removed once empty), the ``_*`` files, the
-        temporary files at the top and ``logs/rank*.log``. Anything else stays where it is."""
+        temporary files at the top, ``logs/rank*.log`` and ``logs/rank*.timing.jsonl``. Anything else
+        stays where it is."""
         if not self.root.exists():
             return
         if not self.root.is_dir():
@@ -291,7 +297,7 @@ class StageDir:
                 entry.unlink()
         logs = self.root / "logs"
         if logs.is_dir():
-            for f in logs.glob("rank*.log"):
+            for f in [*logs.glob("rank*.log"), *logs.glob("rank*.timing.jsonl")]:
                 f.unlink()
             with contextlib.suppress(OSError):
                 logs.rmdir()

@@ -5,6 +5,7 @@
     for chunk in plan_chunks(shards, cfg.data.chunk_rows):
         ids, prompts = read_prompts(chunk, cfg.data)
     warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
+    prompts_by_id(shards, cfg.data, {"a17", "b3"})   # {"a17": "...", ...}: the report joins prompts back
 
 A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
 it, so memory stays bounded whatever the shard's size.
@@ -143,6 +144,29 @@ def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list[str]]:
     else:  # the shard's name, not the file stem: en/train.parquet and de/train.parquet must not collide
         ids = [f"{shard.name}:{chunk.start + i}" for i in range(len(prompts))]
     return ids, prompts
+
+
+def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, str]:
+    """The prompts of the rows whose ids are in ``wanted`` (ids as ``read_prompts`` makes them), read a
+    row group at a time: only the id column is read whole, and memory holds one row group's ids."""
+    from pandas import Series
+
+    found: dict[str, str] = {}
+    for shard in shards:
+        if not shard.has_id_column:  # generated ids name their row: '<shard name>:<row>'
+            for name, _, row in sorted(i.rpartition(":") for i in wanted):
+                if name == shard.name and row.isdigit() and int(row) < shard.num_rows:
+                    table = read_rows(shard.path, int(row), int(row) + 1, [data_cfg.prompt_column])
+                    found[f"{name}:{row}"] = table.column(0)[0].as_py()
+            continue
+        pf, targets = _open(shard.path), list(wanted)
+        for g in range(pf.metadata.num_row_groups):
+            ids = _id_strings(pf.read_row_group(g, columns=[data_cfg.id_column]).column(0))
+            hits = np.flatnonzero(Series(ids).isin(targets).to_numpy())  # hashed, not a Python loop per row
+            if hits.size:
+                prompts = pf.read_row_group(g, columns=[data_cfg.prompt_column]).column(0).take(hits)
+                found.update((ids[i], p) for i, p in zip(hits, prompts.to_pylist()) if ids[i] not in found)
+    return found
 
 
 def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
