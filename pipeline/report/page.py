@@ -40,6 +40,7 @@ def _run_section(info: dict) -> str:
     first = lambda key: next((s[key] for s in stages.values() if s.get(key)), None)  # noqa: E731
     versions = sorted({s["metadata"].get("nla_pipeline_version") for s in stages.values()} - {None})
     facts = [["base model", _e(model.get("base"))], ["adapter", _e(model.get("adapter"))],
+             ["verbalizer", _e(model.get("verbalizer"))],
              ["reconstructor", _e(model.get("reconstructor"))], ["layer", _e(c.get("extract", {}).get("layer"))],
              ["dtype", _e(model.get("dtype"))],
              ["written by nla-pipeline", _e(", ".join(versions) or "unknown")],
