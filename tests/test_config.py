@@ -74,3 +74,17 @@ def test_readme_documents_every_key():
     for line in describe_keys().splitlines():
         key = line.split()[0]
         assert f"| `{key}` |" in readme, f"{key} is missing from the README's key table"
+
+
+def test_the_kitft_config_leaves_the_sidecar_its_keys():
+    """The release pair's config sets how the prompt is wrapped and cut, and leaves to nla_meta.yaml
+    every value the sidecar holds (each would otherwise override it)."""
+    cfg = load_config(str(REPO / "configs" / "kitft-qwen2.5-7b-l20.yaml"))
+    assert cfg.model.verbalizer == "kitft/nla-qwen2.5-7b-L20-av" and cfg.model.adapter is None
+    assert cfg.model.reconstructor == "kitft/nla-qwen2.5-7b-L20-ar"
+    assert (cfg.verbalizer.chat_template, cfg.verbalizer.add_special_tokens) == (True, False)
+    assert (cfg.verbalizer.start_string, cfg.verbalizer.stop_string) == ("<explanation>", "</explanation>")
+    for key in ("verbalizer.prompt_template", "verbalizer.injection_char", "verbalizer.injection_token_id",
+                "verbalizer.neighbor_token_ids", "verbalizer.injection_norm", "extract.layer",
+                "generation.eos_token_ids", "reconstructor.prompt_template"):
+        assert not cfg.is_set(key), key
