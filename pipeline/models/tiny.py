@@ -149,8 +149,10 @@ def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", seed: i
     of about 100-170, as Qwen2.5-7B's do at the last chat token (so "normalize to 150" and "multiply
     by 150" really differ); ``eos_scale`` stretches the LM-head row of <|im_end|> (turned towards the
     final hidden states), since random weights almost never emit EOS, and stretched by ~2 it wins
-    after a varied number of steps, as real explanations end at varied lengths. ``dtype``/``device``: the bench builds the real 7B shape in
-    bfloat16 on the GPU (half the bytes to write, and the random init in seconds).
+    after a varied number of steps, as real explanations end at varied lengths (its default is the
+    architecture's, see TINY_ARCHS). ``dtype``/``device``: the bench builds the real 7B shape in
+    bfloat16 on the GPU (half the bytes to write, and the random init in seconds). Other
+    architectures' residual norms differ (Gemma normalizes each block's output before adding it).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
