@@ -18,14 +18,15 @@ not ``inputs_embeds``. Here:
   on the cache) and a waiting row takes its slot. A row that joins late has masked "holes" in its
   cache columns (keys carry their RoPE rotation, so a key's column index does not matter); columns
   that are holes for every row are dropped.
-- **Masks by position, per kind of layer.** transformers builds masks from cache columns, taking
+- **Sliding windows, masked by position.** transformers builds masks from cache columns, taking
   column i for position i; here a column is not a position (holes, and with cascade attention the
-  prefix is not in the rows' caches), so the decoder tracks each column's position and builds the
-  masks itself, through the model's own mask interface (so sdpa, eager and ours each get their
-  format): causal by position, and for sliding-window layers (Gemma 3, windowed Qwen2) only the keys
-  less than the window behind the query, prefix included. A model with several kinds of layer gets a
-  dict of masks keyed by layer type, as transformers' models take them. Sliding-window layers keep
-  every key in the cache (the mask hides the old ones): explanations are short.
+  prefix is not in the rows' caches). For full attention that does not matter (the rows' 2-D mask
+  is passed, and every real key before a query is visible), but a sliding window (Gemma 3, windowed
+  Qwen2) is a distance in positions: for such models the decoder tracks each column's position and
+  builds the masks itself, through the model's own mask interface (so sdpa, eager and ours each get
+  their format), one per layer type in a dict as transformers' models take them: causal by
+  position, and only the keys less than the window behind the query, prefix included. Those layers
+  keep every key in the cache (the mask hides the old ones): explanations are short.
 - **Plain path.** Where this cannot apply (a layer type that is neither full nor sliding-window
   attention, or sliding windows with an attention implementation whose masks are not per-row
   tensors, such as flash attention), one log line names the architecture and the reason, and rows
@@ -134,16 +135,21 @@ class Decoder:
     def _plan_masks(self, config) -> str | None:
         """Choose how attention masks are built; returns why continuous decoding cannot apply, or None.
 
-        ``self.kinds``: {layer type (None: every layer): sliding window or None}; ``self.mask_interface``:
-        the model's mask function when it makes dense per-row masks, else None (then the decoder
-        passes its 2-D [rows, cols] mask, which is exact only for full attention).
+        ``self.kinds``: {layer type (None: every layer): sliding window or None}. ``self.mask_interface``:
+        the model's mask function, used when some layer has a sliding window; else None, and the
+        decoder passes its 2-D [rows, cols] mask as it always has: with full attention only, the masks
+        transformers builds from it are exact (the queries are the newest columns, a suffix's columns
+        are in position order, holes are masked, and the whole prefix is visible), and cheaper.
         """
         try:
             self.kinds = attention_kinds(config)
         except UnsupportedLayers as e:
             return f"its {e} is neither full nor sliding-window attention, the only masks the decoder builds"
-        # One mask for every layer unless layer types differ in their masks: then a dict keyed by type.
-        self.mask_dict = None not in self.kinds and (len(self.kinds) > 1 or any(self.kinds.values()))
+        self.mask_interface = None
+        if all(w is None for w in self.kinds.values()):
+            return None
+        # A dict keyed by layer type when the config has layer types (they differ in their masks).
+        self.mask_dict = None not in self.kinds
         impl = config._attn_implementation
         interface = ALL_MASK_ATTENTION_FUNCTIONS[impl] if impl in ALL_MASK_ATTENTION_FUNCTIONS else None
         try:  # a 1 x 2 probe: does this implementation's mask function give a dense [rows, 1, q, cols] tensor?
@@ -154,8 +160,9 @@ class Decoder:
             dense = isinstance(probe, torch.Tensor) and tuple(probe.shape) == (1, 1, 1, 2)
         except Exception:  # noqa: BLE001 - any failure means: not a dense mask
             dense = False
-        self.mask_interface = interface if dense else None
-        if not dense and any(w is not None for w in self.kinds.values()):
+        if dense:
+            self.mask_interface = interface
+        else:
             return (f"its sliding-window layers need per-row masks, which attn_implementation={impl!r} does not "
                     "take: its masks count cache columns, and refilled rows do not share them")
         return None
@@ -167,7 +174,7 @@ class Decoder:
         than its window behind the query, and with cascade attention its mask also covers the
         prefix's columns (positions 0..P-1), which the window may leave behind."""
         if self.mask_interface is None:
-            return valid  # full attention only: transformers' mask from the 2-D one is exact
+            return valid  # full attention only: transformers' masks from the 2-D one are exact
         keys, queries = key_positions[:, None, :], query_positions[:, :, None]
         causal = valid.bool()[:, None, :] & (keys <= queries)  # [rows, q, cols]
         by_window: dict = {}
