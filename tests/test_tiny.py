@@ -48,3 +48,20 @@ def test_an_interrupted_build_is_reported_not_loaded(tmp_path):
     (half / "tokenizer.json").write_text("{}")  # a directory left without its config
     with pytest.raises(PipelineError, match="incomplete"):
         build_tiny_model(half)
+
+
+def test_builtin_names_cover_each_architecture(tiny_model_dir, tmp_path):
+    import pytest
+
+    from pipeline.errors import PipelineError
+    from pipeline.models.tiny import BUILTINS, TINY_ARCHS, build_tiny_model, resolve_builtin
+
+    assert set(TINY_ARCHS) == {"qwen2", "qwen3", "llama", "gemma3"}
+    for arch in ("", *(f"-{a}" for a in TINY_ARCHS)):
+        for kind in ("", "-lora", "-ar", "-ar-lora"):
+            assert f"builtin:tiny{arch}{kind}" in BUILTINS
+    assert resolve_builtin("builtin:tiny-qwen2") == tiny_model_dir  # builtin:tiny is the Qwen2
+    with pytest.raises(PipelineError, match="unknown built-in model 'builtin:tiny-gpt2'"):
+        resolve_builtin("builtin:tiny-gpt2")
+    with pytest.raises(PipelineError, match="unknown tiny architecture 'gpt2'"):
+        build_tiny_model(tmp_path / "x", arch="gpt2")

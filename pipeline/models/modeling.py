@@ -20,6 +20,7 @@ import torch
 
 from pipeline.engines.attention import resolve_attention
 from pipeline.errors import PipelineError
+from pipeline.models.architecture import remove_final_norm
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ def load_extract_model(cfg, device: torch.device):
     """The base model's decoder trunk, cut after ``extract.layer``, returning that layer's raw output.
 
     Layers past ``layer`` and the LM head are left out of the config, so from_pretrained skips their
-    weights and they are never materialised on the device. The final RMSNorm is replaced by identity:
-    transformers applies it to ``last_hidden_state``, and the verbalizer reads the un-normed residual.
+    weights and they are never materialised on the device (``layer_types``, where the config has one,
+    is cut to match). The final norm is replaced by identity: transformers applies it to
+    ``last_hidden_state``, and the verbalizer reads the un-normed residual.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -125,7 +127,7 @@ def load_extract_model(cfg, device: torch.device):
             model = _apply_adapter(cfg, AutoModelForCausalLM.from_pretrained(source, **kwargs), merge=True).model
         else:
             model = AutoModel.from_pretrained(source, **kwargs)
-    model.norm = torch.nn.Identity()
+    remove_final_norm(model)  # found by shape, whatever the architecture calls it
     return model.eval().requires_grad_(False)
 
 

