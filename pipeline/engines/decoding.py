@@ -54,7 +54,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from pipeline.engines.kvcache import keep_columns
 from pipeline.engines.prefix import SharedPrefix, supports_cascade
 from pipeline.models.architecture import UnsupportedLayers, attention_kinds, final_logit_softcap
-from pipeline.protocol.verbalizer import normalize_to
+from pipeline.protocol.verbalizer import hf_generation_config, normalize_to
 
 log = logging.getLogger(__name__)
 OOM_ERRORS = (torch.OutOfMemoryError,)
@@ -451,18 +451,11 @@ class Decoder:
             yield from self._generate(batch, progress)
 
     def _generate(self, batch: list, progress) -> Iterator[tuple[Hashable, tuple[list[int], bool, int]]]:
-        from transformers import GenerationConfig
-
         g = self.gcfg
         embeds = self.prompt_embeds.expand(len(batch), -1, -1).clone()
         vectors = torch.stack([v for _, v in batch]).to(self.device)
         embeds[:, self.prompt.inject_pos] = normalize_to(vectors, self.vcfg.injection_norm).to(embeds.dtype)
-        sampling = dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k) if g.do_sample else \
-            dict(temperature=1.0, top_p=1.0, top_k=50)  # greedy ignores them: pinned so none is inherited
-        config = GenerationConfig(max_new_tokens=g.max_new_tokens, do_sample=g.do_sample,
-                                  repetition_penalty=g.repetition_penalty, eos_token_id=list(g.eos_token_ids),
-                                  pad_token_id=g.pad_token_id, stop_strings=[self.stop] if self.stop else None,
-                                  **sampling)
+        config = hf_generation_config(g, self.stop)
         out = self.model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long,
                                   device=self.device), generation_config=config, tokenizer=self.tokenizer)
         for (key, _), generated in zip(batch, out.tolist()):  # only new tokens: no input_ids were given

@@ -142,3 +142,17 @@ def decode_row(tokenizer, tokens: list[int], eos_ids: list[int], stop_string: st
     if start_string and start_string in text:
         text = text.split(start_string, 1)[1]
     return text.strip(), bool(ends), n
+
+
+def hf_generation_config(gcfg, stop_string: str | None):
+    """Every generation setting that acts on the output, spelled out rather than inherited."""
+    from transformers import GenerationConfig
+
+    kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample,
+                  repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids) or None,
+                  pad_token_id=gcfg.pad_token_id, stop_strings=[stop_string] if stop_string else None)
+    if gcfg.do_sample:
+        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k)
+    else:  # greedy ignores these; pin them to the library's neutral values so none is inherited
+        kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+    return GenerationConfig(**kwargs)

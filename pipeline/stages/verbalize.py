@@ -39,7 +39,8 @@ from pipeline.models.modeling import (
     verbalizer_source,
 )
 from pipeline.protocol.resolve import resolve_protocol
-from pipeline.protocol.verbalizer import build_prompt, decode_row, depth_percent, inject, vector_problem
+from pipeline.protocol.verbalizer import (build_prompt, decode_row, depth_percent, hf_generation_config, inject,
+                                         vector_problem)
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,6 @@ def activation_units(inp: StageDir) -> list[Unit]:
                                 "run extract again to redo it") from e
         units.append(Unit(path.parent.name, int(path.stem.split("_")[1]), rows, path))
     return units
-
-
-def hf_generation_config(gcfg, stop_string: str | None):
-    """Every generation setting that acts on the output, spelled out rather than inherited."""
-    from transformers import GenerationConfig
-
-    kwargs = dict(max_new_tokens=gcfg.max_new_tokens, do_sample=gcfg.do_sample,
-                  repetition_penalty=gcfg.repetition_penalty, eos_token_id=list(gcfg.eos_token_ids) or None,
-                  pad_token_id=gcfg.pad_token_id, stop_strings=[stop_string] if stop_string else None)
-    if gcfg.do_sample:
-        kwargs.update(temperature=gcfg.temperature, top_p=gcfg.top_p, top_k=gcfg.top_k)
-    else:  # greedy ignores these; pin them to the library's neutral values so none is inherited
-        kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
-    return GenerationConfig(**kwargs)
 
 
 @torch.inference_mode()
