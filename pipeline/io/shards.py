@@ -7,12 +7,14 @@
     warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
     prompts_by_id(shards, cfg.data, {"a17", "b3"})   # {"a17": "...", ...}: the report joins prompts back
 
-A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
+Each Shard carries its file's identity (size, rows, a hash of the Parquet footer), which extract's
+fingerprint records. A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
 it, so memory stays bounded whatever the shard's size.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import glob
 import logging
 import os
@@ -37,6 +39,14 @@ class Shard:
     path: str
     num_rows: int
     has_id_column: bool
+    size: int = 0            # bytes; with num_rows and footer_sha256, the file's identity
+    footer_sha256: str = ""  # of the Parquet footer (schema, row groups, their statistics)
+
+    @property
+    def identity(self) -> dict:
+        """What extract's fingerprint records of this file, so a resume after the file was rewritten
+        (even under the same name) is refused instead of mixing old chunks with new ones."""
+        return {"size": self.size, "rows": self.num_rows, "parquet_footer_sha256": self.footer_sha256}
 
     @property
     def name(self) -> str:
@@ -78,6 +88,18 @@ def _open(path: str) -> pq.ParquetFile:
         raise PipelineError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
 
 
+def _footer_sha256(path: str) -> str:
+    """Hash of the file's Parquet footer: a file ends with the footer, its 4-byte length and b"PAR1".
+    The footer holds every row group's size, offsets and column statistics, so rewritten content
+    changes it, and reading it costs one small read whatever the file's size."""
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        f.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(f.read(length)).hexdigest()[:16]
+
+
 def resolve_shards(data_cfg) -> list[Shard]:
     """Expand globs, open every file and check its columns, so bad input fails before model work."""
     files = _expand(data_cfg.paths) if data_cfg.paths else [sample_prompts_path()]
@@ -92,7 +114,8 @@ def resolve_shards(data_cfg) -> list[Shard]:
             )
         if not _is_string_like(schema.field(col).type):
             raise PipelineError(f"{path}: column {col!r} holds {schema.field(col).type}, not strings")
-        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names))
+        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names,
+                            os.path.getsize(path), _footer_sha256(path)))
     return shards
 
 

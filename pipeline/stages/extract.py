@@ -192,6 +192,7 @@ class ExtractStage:
             "prompt_rendering": PROMPT_RENDERING,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
             "data.paths": [s.path for s in self.shards],
+            "data.files": {s.path: s.identity for s in self.shards},  # a rewritten file must not resume
             "data.prompt_column": cfg.data.prompt_column,
             "data.id_column": cfg.data.id_column,
             "data.chunk_rows": cfg.data.chunk_rows,
