@@ -48,7 +48,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = _f([], "Parquet files or globs, in order; empty means the bundled sample prompts")
-    prompt_column: str = _f("prompt", "column holding each prompt (rendered as one user message)")
+    format: str = _f("prompt", "prompt|messages|text: a string rendered as one user message by the chat template; "
+                     "a list of {role, content} rendered whole by it; raw text, no template")
+    prompt_column: str = _f("prompt", "column holding each prompt (data.format=prompt; rendered as one user message)")
+    messages_column: str = _f("messages", "column holding each conversation, a list of {role, content} structs "
+                              "(data.format=messages)")
+    text_column: str = _f("text", "column holding each raw text (data.format=text)")
+    add_generation_prompt: bool = _f(True, "data.format=messages: end the rendering with the assistant header, "
+                                     "as prompt does")
     id_column: str = _f("id", "column holding row ids; when absent the id is '<shard name>:<row index>', "
                          "e.g. 00000-train:17")
     chunk_rows: int = _f(256, "rows per chunk, the unit of work, output file and resume")
@@ -250,6 +257,7 @@ def _validate(cfg: Config) -> None:
         "model.device": (cfg.model.device, ("auto", "cpu", "cuda")),
         "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
         "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate")),
+        "data.format": (cfg.data.format, ("prompt", "messages", "text")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

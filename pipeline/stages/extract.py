@@ -1,4 +1,4 @@
-"""Stage 1: prompts (Parquet) -> last-real-token output of decoder layer ``extract.layer`` (Arrow).
+"""Stage 1: prompts, conversations or texts (Parquet) -> last-real-token output of decoder layer ``extract.layer`` (Arrow).
 
     nla-pipeline extract --config configs/tiny.yaml
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
@@ -6,9 +6,11 @@
     from pipeline.stages.extract import ExtractStage, extract_vectors
     vectors, stats, errors = extract_vectors(trunk, token_ids, max_batch_tokens=8192, pad_id=tok.pad_token_id)
 
-Each prompt is rendered as one user message with the chat template (add_generation_prompt=True),
-exactly as the model card does. Batches are right-padded with an explicit attention mask, so every
-real token keeps the RoPE position it has alone, and the vector is gathered at ``length - 1``.
+Each row is rendered as ``data.format`` says (``pipeline.io.rows``): a prompt as one user message
+with the chat template (add_generation_prompt=True), exactly as the model card does; a conversation
+whole by the template; raw text with no template. Batches are right-padded with an explicit
+attention mask, so every real token keeps the RoPE position it has alone, and the vector is
+gathered at ``length - 1``.
 """
 from __future__ import annotations
 
@@ -25,29 +27,17 @@ from pipeline.io.layout import StageDir
 from pipeline.models.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
 from pipeline.protocol.resolve import resolve_protocol
 from pipeline.engines.prefix import SharedPrefix
-from pipeline.io.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
+from pipeline.io.rows import chat_prefix_ids, input_column, prefix_ids, render_prompts, render_rows, rendering
+from pipeline.io.shards import bad_row_error, plan_chunks, read_values, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 
-PROMPT_RENDERING = "chat_template([{role: user, content: prompt}], add_generation_prompt=True)"
+__all__ = ["ExtractStage", "chat_prefix_ids", "extract_vectors", "padding_fraction", "render_and_tokenize"]
 
 
 def render_and_tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """The card's rendering: one user message, generation prompt, then a plain tokenizer call."""
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    return tokenizer(texts)["input_ids"]
-
-
-def chat_prefix_ids(tokenizer) -> list[int]:
-    """The tokens every rendered prompt starts with: the template's text before the user's content
-    (system block and user header). Empty when the template does not show the content verbatim."""
-    sentinel = "\ue000"  # a private-use character no template adds
-    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text.split(sentinel)[0])["input_ids"] if sentinel in text else []
+    """The card's rendering of prompts (data.format=prompt); ``pipeline.io.rows`` renders every format."""
+    return render_prompts(tokenizer, prompts)
 
 
 def _forward_last(trunk, token_ids: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
@@ -189,14 +179,18 @@ class ExtractStage:
             "extract.layer": cfg.extract.layer,
             "extract.output_dtype": cfg.extract.output_dtype,
             "extract.with_adapter": cfg.extract.with_adapter,
-            "prompt_rendering": PROMPT_RENDERING,
-            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+            "prompt_rendering": rendering(cfg.data),
             "data.paths": [s.path for s in self.shards],
             "data.files": {s.path: s.identity for s in self.shards},  # a rewritten file must not resume
-            "data.prompt_column": cfg.data.prompt_column,
+            "data.format": cfg.data.format,
+            f"data.{cfg.data.format}_column": input_column(cfg.data),
             "data.id_column": cfg.data.id_column,
             "data.chunk_rows": cfg.data.chunk_rows,
         }
+        if cfg.data.format != "text":  # raw text never meets the template
+            settings["chat_template_sha256"] = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
+        if cfg.data.format == "messages":
+            settings["data.add_generation_prompt"] = cfg.data.add_generation_prompt
         if cfg.extract.with_adapter:
             settings["model.adapter"] = cfg.model.adapter
         return settings
@@ -205,23 +199,31 @@ class ExtractStage:
         if self.trunk is None:
             self.trunk = load_extract_model(self.cfg, self.rt.device)
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg)
-        # Keys and values of the template's opening (system block + user header), once per model load.
-        self.prefix = SharedPrefix(self.trunk, input_ids=chat_prefix_ids(self.tokenizer))
+        # Keys and values of the template's opening (system block + user header), once per model
+        # load; none for raw text, which shares no opening.
+        shared = prefix_ids(self.tokenizer, self.cfg.data)
+        self.prefix = SharedPrefix(self.trunk, input_ids=shared) if shared else None
         self.metadata = {
             "nla_pipeline_version": __version__,
             "base_model": self.cfg.model.base,
             "layer": self.cfg.extract.layer,
             "num_layers": load_model_config(self.cfg).num_hidden_layers,
             "dtype": self.dtype,
-            "prompt_rendering": PROMPT_RENDERING,
+            "prompt_rendering": rendering(self.cfg.data),
+            "data_format": self.cfg.data.format,
             "with_adapter": self.cfg.extract.with_adapter,
             "fingerprint": self.fingerprint,
         }
 
     def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:
         """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward)."""
-        ids, prompts = read_prompts(unit.source, self.cfg.data)
-        return ids, render_and_tokenize(self.tokenizer, prompts)
+        chunk = unit.source
+        ids, values = read_values(chunk, self.cfg.data)
+        token_ids, problems = render_rows(self.tokenizer, values, self.cfg.data)
+        if problems:  # before any of this chunk's model work
+            row, problem = next(iter(problems.items()))
+            raise bad_row_error(chunk.shard.path, chunk.start + row, problem, self.cfg.data)
+        return ids, token_ids
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         ids, token_ids = prepared if prepared is not None else self.prepare(unit)
