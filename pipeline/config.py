@@ -59,6 +59,9 @@ class DataConfig:
     id_column: str = _f("id", "column holding row ids; when absent the id is '<shard name>:<row index>', "
                          "e.g. 00000-train:17")
     chunk_rows: int = _f(256, "rows per chunk, the unit of work, output file and resume")
+    on_bad_row: str = _f("error", "error|skip: a null, a wrong type, a malformed message list or an empty rendering "
+                         "stops the run naming its file and row, or becomes an error row (null activation) and "
+                         "the run goes on")
 
 
 @dataclass
@@ -258,6 +261,7 @@ def _validate(cfg: Config) -> None:
         "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
         "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate")),
         "data.format": (cfg.data.format, ("prompt", "messages", "text")),
+        "data.on_bad_row": (cfg.data.on_bad_row, ("error", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -1,9 +1,11 @@
-"""Inputs as users have them (issue 11): changed input files, row formats; each format's vectors against
-a hooked forward of the full model, one row at a time."""
+"""Inputs as users have them (issue 11): changed input files, row formats, bad rows. Every vector is
+compared with a hooked forward of the full model, one row at a time, rendered here."""
 import json
 import re
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -141,3 +143,84 @@ def test_a_format_change_is_a_fingerprint_change(tmp_path, capsys):
 def test_a_column_of_the_wrong_type_is_refused_naming_the_file(tmp_path, capsys, fmt, columns, words):
     path = write_parquet(tmp_path / "in.parquet", columns)
     expect_error(capsys, extract_argv(tmp_path, path, **{"data.format": fmt}), str(path), *words)
+
+
+# --- data.on_bad_row: error | skip ------------------------------------------------------------------
+
+BAD = {  # format -> (column values with bad rows, {row: the problem the error names})
+    "prompt": (["fine", None, "also fine", "last"], {1: "prompt is None, not a string"}),
+    "text": (["fine", "", None, "x"], {1: "text renders to no tokens", 2: "text is None, not a string"}),
+    "messages": ([[{"role": "user", "content": "fine"}], None, [],
+                  [{"role": "user", "content": None}], [{"role": None, "content": "x"}],
+                  [{"role": "user", "content": "fine too"}, {"role": "assistant", "content": "ok"}]],
+                 {1: "messages is None, not a list", 2: "messages is an empty list",
+                  3: "message 0 is {'role': 'user', 'content': None}: role and content must both be strings",
+                  4: "message 0 is {'role': None, 'content': 'x'}: role and content must both be strings"}),
+}
+
+
+@pytest.mark.parametrize("fmt", ["prompt", "text", "messages"])
+def test_a_bad_row_stops_the_run_naming_file_and_row(tmp_path, capsys, fmt):
+    values, problems = BAD[fmt]
+    path = write_parquet(tmp_path / "in.parquet", {fmt: values})
+    # A null string is found from the Parquet footer's null counts at planning, before the model
+    # loads (so text's null row 2 is named before its empty row 1); other bad rows when their chunk is read.
+    nulls = [i for i, v in enumerate(values) if v is None]
+    row = nulls[0] if fmt != "messages" else min(problems)
+    line = expect_error(capsys, extract_argv(tmp_path, path, **{"data.format": fmt}), str(path), f"row {row}: ",
+                        problems[row], "data.on_bad_row=skip")
+    assert (tmp_path / "extract" / "_fingerprint.json").exists() == (fmt == "messages")  # planning failed
+    assert not list((tmp_path / "extract").rglob("chunk_*.arrow")), line
+
+
+@pytest.mark.parametrize("fmt", ["prompt", "text", "messages"])
+def test_skip_writes_error_rows_and_goes_on(tmp_path, full_model, tokenizer, fmt):
+    values, problems = BAD[fmt]
+    path = write_parquet(tmp_path / "in.parquet", {fmt: values, "id": [f"r{i}" for i in range(len(values))]})
+    assert main(extract_argv(tmp_path, path, **{"data.format": fmt, "data.on_bad_row": "skip"})) == 0
+    rows = [r for f in sorted((tmp_path / "extract").rglob("chunk_*.arrow"))
+            for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(len(values))]
+    for i, r in enumerate(rows):
+        if i in problems:
+            assert r["error"] == f"bad row: {problems[i]} (column {fmt!r})" and r["activation"] is None, i
+            assert r["n_tokens"] == 0
+        else:
+            ref = hooked_last(full_model, reference_ids(tokenizer, fmt, values[i]))
+            assert r["error"] is None
+            assert np.abs(np.array(r["activation"]) - ref.numpy()).max() / ref.norm().item() < 1e-4, i
+    log = (tmp_path / "extract" / "logs" / "rank00000.log").read_text()
+    assert sum(f"{path} row {i} (id r{i}): bad row: " in log for i in problems) == len(problems)
+
+
+def test_later_stages_pass_skipped_rows_through(tmp_path):
+    path = write_parquet(tmp_path / "in.parquet", {"prompt": ["one", None, "three"]})
+    argv = ["run", "--config", TINY_CONFIG, *tiny_overrides(tmp_path, **{
+        "data.paths": f"[{path}]", "data.on_bad_row": "skip", "generation.max_new_tokens": 3})]
+    assert main(argv) == 0
+    error = "extract: bad row: prompt is None, not a string (column 'prompt')"
+    verbalized = pq.read_table(tmp_path / "verbalize" / "00000-in" / "chunk_00000.parquet").to_pylist()
+    assert [r["error"] for r in verbalized] == [None, error, None]
+    assert verbalized[1]["explanation"] == "" and verbalized[1]["finished"] is False
+    scored = pq.read_table(tmp_path / "score" / "00000-in" / "chunk_00000.parquet").to_pylist()
+    assert scored[1]["fve"] is None and scored[1]["error"] and scored[0]["fve"] is not None
+    summary = json.loads((tmp_path / "score" / "_summary.json").read_text())
+    assert (summary["rows_scored"], summary["rows_failed"]) == (2, 1), summary
+
+
+def test_nulls_are_found_from_the_footer_in_the_right_column_and_row_group(tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.errors import PipelineError
+    from pipeline.io.shards import check_no_nulls, resolve_shards
+
+    convo = [[{"role": "user", "content": "hi"}]] * 5  # a nested column first: leaves outnumber fields
+    path = write_parquet(tmp_path / "in.parquet", {"messages": convo, "text": ["a", None, "b", "c", "d"],
+                                                   "prompt": ["a", "b", "c", "d", None]}, row_group_size=2)
+    cfg = DataConfig(paths=[str(path)])
+    with pytest.raises(PipelineError, match=r"in.parquet: row 4: prompt is None"):
+        check_no_nulls(resolve_shards(cfg), cfg)
+    cfg = DataConfig(paths=[str(path)], format="text")
+    with pytest.raises(PipelineError, match=r"in.parquet: row 1: text is None"):
+        check_no_nulls(resolve_shards(cfg), cfg)
+    cfg = DataConfig(paths=[str(path)], format="messages")
+    check_no_nulls(resolve_shards(cfg), cfg)  # lists: their nulls are not in the leaves' counts

@@ -6,6 +6,7 @@
         ids, values = read_values(chunk, cfg.data)    # the data.format column's values; None for a null
         ids, prompts = read_prompts(chunk, cfg.data)  # the same, raising on the first bad row
     warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
+    check_no_nulls(shards, cfg.data)          # data.on_bad_row=error: a null prompt fails before model work
     prompts_by_id(shards, cfg.data, {"a17", "b3"})   # {"a17": "...", ...}: the report joins prompts back
 
 Each Shard carries its file's identity (size, rows, a hash of the Parquet footer), which extract's
@@ -173,7 +174,31 @@ def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
 
 
 def bad_row_error(path: str, row: int, problem: str, data_cfg) -> PipelineError:
-    return PipelineError(f"{path}: row {row}: {problem} (column {input_column(data_cfg)!r})")
+    return PipelineError(f"{path}: row {row}: {problem} (column {input_column(data_cfg)!r}); fix the row, or set "
+                         "data.on_bad_row=skip to write such rows as error rows and go on")
+
+
+def check_no_nulls(shards: list[Shard], data_cfg) -> None:
+    """Refuse the first null of a string column before any model work, from the Parquet footer's
+    null counts: no row is read unless a row group has one. (Other bad rows are found when their
+    chunk is read, still before that chunk's model work.) A list column's leaf counts do not say
+    whether a whole conversation is null, so only the prompt and text formats are checked here."""
+    if data_cfg.format == "messages":
+        return
+    col = input_column(data_cfg)
+    for shard in shards:
+        pf = _open(shard.path)
+        meta = pf.metadata
+        leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == col)  # nested columns
+        row = 0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(leaf).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                nulls = pf.read_row_group(g, columns=[col]).column(0).is_null().to_numpy(zero_copy_only=False)
+                first = row + int(np.argmax(nulls))
+                raise bad_row_error(shard.path, first, f"{data_cfg.format} is None, not a string", data_cfg)
+            row += group.num_rows
 
 
 def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, str]:

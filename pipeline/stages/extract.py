@@ -28,7 +28,7 @@ from pipeline.models.modeling import load_extract_model, load_model_config, load
 from pipeline.protocol.resolve import resolve_protocol
 from pipeline.engines.prefix import SharedPrefix
 from pipeline.io.rows import chat_prefix_ids, input_column, prefix_ids, render_prompts, render_rows, rendering
-from pipeline.io.shards import bad_row_error, plan_chunks, read_values, resolve_shards, warn_duplicate_ids
+from pipeline.io.shards import bad_row_error, check_no_nulls, plan_chunks, read_values, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ def _too_long(token_ids: list[list[int]], max_positions: int | None) -> dict[int
 
 @torch.inference_mode()
 def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int,
-                    prefix: SharedPrefix | None = None):
+                    prefix: SharedPrefix | None = None, skip: dict[int, str] | None = None):
     """Layer output at each row's last real token: float32 [rows, d_model] in input order, stats and
-    errors ({row: message}; that row's vector is zeros).
+    errors ({row: message}; that row's vector is zeros). Rows in ``skip`` ({row: message}: bad
+    rows the caller found) are not run and come back among the errors with their message.
 
     Rows that start with ``prefix.ids`` and go past them are run as
     suffixes on top of the cached prefix; the others (a template that tokenizes differently at the
@@ -108,8 +109,8 @@ def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pa
     the rows fed to the model, ``reused_tokens`` prefix tokens not recomputed, ``computed_tokens`` tokens fed to the
     model including padding, ``error_rows``.
     """
-    too_long = _too_long(token_ids, getattr(trunk.config, "max_position_embeddings", None))
-    errors = dict(too_long)
+    not_run = {**(skip or {}), **_too_long(token_ids, getattr(trunk.config, "max_position_embeddings", None))}
+    errors = dict(not_run)
     plen = prefix.length if prefix is not None and prefix.ids else 0
     shared = [plen > 0 and len(t) > plen and t[:plen] == prefix.ids for t in token_ids]
     fed = [t[plen:] if s else t for t, s in zip(token_ids, shared)]
@@ -124,7 +125,7 @@ def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pa
             out[torch.tensor(batch)] = vectors
             errors.update((batch[i], e) for i, e in batch_errors.items())
             computed += len(batch) * max(lengths[i] for i in batch)
-    fed_rows = [i for i in range(len(token_ids)) if i not in too_long]
+    fed_rows = [i for i in range(len(token_ids)) if i not in not_run]
     stats = {"tokens": sum(len(token_ids[i]) for i in fed_rows), "computed_tokens": computed,
              "reused_tokens": plen * sum(shared[i] for i in fed_rows), "error_rows": len(errors)}
     return out, stats, dict(sorted(errors.items()))
@@ -156,6 +157,8 @@ class ExtractStage:
         """Every chunk of every input file; the files are opened and their columns checked here."""
         self.shards = resolve_shards(self.cfg.data)
         warn_duplicate_ids(self.shards, self.cfg.data)
+        if self.cfg.data.on_bad_row == "error":
+            check_no_nulls(self.shards, self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
     def protocol_record(self) -> dict:
@@ -186,6 +189,7 @@ class ExtractStage:
             f"data.{cfg.data.format}_column": input_column(cfg.data),
             "data.id_column": cfg.data.id_column,
             "data.chunk_rows": cfg.data.chunk_rows,
+            # data.on_bad_row is not here: a run stopped by a bad row may resume with skip.
         }
         if cfg.data.format != "text":  # raw text never meets the template
             settings["chat_template_sha256"] = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
@@ -215,20 +219,23 @@ class ExtractStage:
             "fingerprint": self.fingerprint,
         }
 
-    def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:
-        """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward)."""
+    def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]], dict[int, str]]:
+        """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward):
+        (ids, token ids, {row: why it is not run}). A bad row stops the run here, before this chunk's
+        model work, unless data.on_bad_row=skip."""
         chunk = unit.source
         ids, values = read_values(chunk, self.cfg.data)
         token_ids, problems = render_rows(self.tokenizer, values, self.cfg.data)
-        if problems:  # before any of this chunk's model work
+        if problems and self.cfg.data.on_bad_row == "error":
             row, problem = next(iter(problems.items()))
             raise bad_row_error(chunk.shard.path, chunk.start + row, problem, self.cfg.data)
-        return ids, token_ids
+        col = input_column(self.cfg.data)
+        return ids, token_ids, {i: f"bad row: {p} (column {col!r})" for i, p in problems.items()}
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
-        ids, token_ids = prepared if prepared is not None else self.prepare(unit)
+        ids, token_ids, not_run = prepared if prepared is not None else self.prepare(unit)
         vectors, stats, errors = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
-                                                 self.tokenizer.pad_token_id, self.prefix)
+                                                 self.tokenizer.pad_token_id, self.prefix, skip=not_run)
         chunk = unit.source
         for i, e in errors.items():
             log.warning("%s row %d (id %s): %s; not extracted: its activation is null and its 'error' says why",
