@@ -1,4 +1,4 @@
-"""Inputs as users have them (issue 11): changed input files, row formats, bad rows. Every vector is
+"""Inputs as users have them (issue 11): changed input files, row formats, bad rows, long rows. Every vector is
 compared with a hooked forward of the full model, one row at a time, rendered here."""
 import json
 import re
@@ -224,3 +224,65 @@ def test_nulls_are_found_from_the_footer_in_the_right_column_and_row_group(tmp_p
         check_no_nulls(resolve_shards(cfg), cfg)
     cfg = DataConfig(paths=[str(path)], format="messages")
     check_no_nulls(resolve_shards(cfg), cfg)  # lists: their nulls are not in the leaves' counts
+
+
+# --- long rows: data.max_tokens, data.truncation; rows past the batch budget -------------------------
+
+@pytest.mark.parametrize("fmt, truncation", [("prompt", "error_row"), ("prompt", "left"), ("prompt", "right"),
+                                             ("text", "left"), ("messages", "right")])
+def test_long_rows_are_error_rows_or_cut(tmp_path, full_model, tokenizer, fmt, truncation):
+    values = {"prompt": PROMPTS, "messages": CONVERSATIONS, "text": TEXTS}[fmt]
+    limit = 40
+    path = write_parquet(tmp_path / "in.parquet", {fmt: values})
+    argv = extract_argv(tmp_path, path, **{"data.format": fmt, "data.max_tokens": limit, "data.truncation": truncation})
+    assert main(argv) == 0
+    _, vectors, n_tokens, meta = read_output(tmp_path / "extract")
+    assert (meta["max_tokens"], meta["truncation"]) == (str(limit), truncation)
+    rows = [r for f in sorted((tmp_path / "extract").rglob("chunk_*.arrow"))
+            for r in pa.ipc.open_stream(pa.memory_map(str(f))).read_all().to_pylist()]
+    whole = [reference_ids(tokenizer, fmt, v) for v in values]
+    assert any(len(w) > limit for w in whole) and any(len(w) <= limit for w in whole)
+    for i, want in enumerate(whole):
+        if len(want) > limit and truncation == "error_row":
+            assert rows[i]["error"] == f"{fmt} has {len(want)} tokens, more than data.max_tokens={limit}"
+            assert rows[i]["activation"] is None and n_tokens[i] == len(want)
+            continue
+        if len(want) > limit:
+            want = want[-limit:] if truncation == "left" else want[:limit]
+        ref = hooked_last(full_model, want)
+        assert rows[i]["error"] is None and n_tokens[i] == len(want), i
+        assert np.abs(vectors[i] - ref.numpy()).max() / ref.norm().item() < 1e-4, (i, truncation)
+    settings = json.loads((tmp_path / "extract" / "_fingerprint.json").read_text())["settings"]
+    assert (settings["data.max_tokens"], settings["data.truncation"]) == (limit, truncation)
+
+
+def test_max_tokens_defaults_to_the_models_positions(tmp_path, tokenizer):
+    path = write_parquet(tmp_path / "in.parquet", {"prompt": ["a", "hello " * 4100]})
+    assert main(extract_argv(tmp_path, path, **{"data.truncation": "right"})) == 0
+    _, vectors, n_tokens, meta = read_output(tmp_path / "extract")
+    assert meta["max_tokens"] == "4096" and n_tokens[1] == 4096 and vectors[1].any()
+
+
+def test_a_row_past_the_batch_budget_runs_as_a_batch_of_its_own(tokenizer, full_model):
+    from pipeline.config import load_config
+    from pipeline.engines.prefix import SharedPrefix
+    from pipeline.models.modeling import load_extract_model
+    from pipeline.stages.extract import extract_vectors
+
+    trunk = load_extract_model(load_config(TINY_CONFIG, []), torch.device("cpu"))
+    prefix = SharedPrefix(trunk, input_ids=chat_prefix_ids(tokenizer))
+    ids = [reference_ids(tokenizer, "prompt", p) for p in ["a", LONG, "b", LONG + " more", "c"]]
+    budget = 64
+    assert len(ids[1]) - prefix.length > budget and len(ids[0]) - prefix.length < budget // 3
+    batches = []
+    trunk.register_forward_pre_hook(lambda mod, args, kw: batches.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    got, stats, errors = extract_vectors(trunk, ids, max_batch_tokens=budget, pad_id=tokenizer.pad_token_id,
+                                         prefix=prefix)
+    assert not errors
+    long_widths = {len(ids[1]) - prefix.length, len(ids[3]) - prefix.length}
+    assert sorted(w for rows, w in batches if w in long_widths) == sorted(long_widths)
+    assert all(rows == 1 for rows, w in batches if w in long_widths)  # alone, never padded into another's batch
+    assert sum(rows for rows, _ in batches) == len(ids)
+    for i, row in enumerate(ids):
+        ref = hooked_last(full_model, row)
+        assert (got[i] - ref).abs().max() / ref.norm() < 1e-4, i

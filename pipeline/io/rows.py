@@ -3,6 +3,7 @@
     from pipeline.io.rows import check_column, input_column, prefix_ids, render_rows, rendering
     check_column(path, schema, cfg.data)        # PipelineError naming the file when the column is wrong
     token_ids, problems = render_rows(tokenizer, values, cfg.data)   # problems: {row: why}, token_ids [] there
+    token_ids, too_long, truncated = bound_rows(token_ids, cfg.data, max_tokens=4096)   # data.truncation
     prefix_ids(tokenizer, cfg.data)             # tokens every rendered row starts with ([] for text)
     rendering(cfg.data)                         # what the fingerprint and the file metadata record
 
@@ -146,6 +147,26 @@ def render_rows(tokenizer, values: list, data_cfg) -> tuple[list[list[int]], dic
         else:  # raw "" (no BOS in Qwen's tokenizer): there is no position to read
             problems[i] = f"{data_cfg.format} renders to no tokens"
     return token_ids, dict(sorted(problems.items()))
+
+
+def bound_rows(token_ids: list[list[int]], data_cfg, max_tokens: int | None,
+               from_model: bool = False) -> tuple[list[list[int]], dict[int, str], int]:
+    """Rows longer than ``max_tokens``, as ``data.truncation`` says: (token ids, {row: why it is too
+    long} for error_row, how many rows were cut). ``left`` drops a row's first tokens (the end, and
+    with it the generation prompt, stays), ``right`` its last ones (the template's opening stays, so
+    the row still reuses the shared prefix). ``from_model``: the bound is the model's, not the key's."""
+    if max_tokens is None:
+        return token_ids, {}, 0
+    long_rows = [i for i, t in enumerate(token_ids) if len(t) > max_tokens]
+    if data_cfg.truncation == "error_row":
+        bound = (f"the model's maximum of {max_tokens} positions" if from_model
+                 else f"data.max_tokens={max_tokens}")
+        return token_ids, {i: f"{data_cfg.format} has {len(token_ids[i])} tokens, more than {bound}"
+                           for i in long_rows}, 0
+    cut = list(token_ids)
+    for i in long_rows:
+        cut[i] = cut[i][-max_tokens:] if data_cfg.truncation == "left" else cut[i][:max_tokens]
+    return cut, {}, len(long_rows)
 
 
 def chat_prefix_ids(tokenizer) -> list[int]:

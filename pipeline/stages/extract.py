@@ -27,7 +27,7 @@ from pipeline.io.layout import StageDir
 from pipeline.models.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
 from pipeline.protocol.resolve import resolve_protocol
 from pipeline.engines.prefix import SharedPrefix
-from pipeline.io.rows import chat_prefix_ids, input_column, prefix_ids, render_prompts, render_rows, rendering
+from pipeline.io.rows import bound_rows, chat_prefix_ids, input_column, prefix_ids, render_prompts, render_rows, rendering
 from pipeline.io.shards import bad_row_error, check_no_nulls, plan_chunks, read_values, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ class ExtractStage:
             "data.id_column": cfg.data.id_column,
             "data.chunk_rows": cfg.data.chunk_rows,
             # data.on_bad_row is not here: a run stopped by a bad row may resume with skip.
+            "data.max_tokens": self.max_tokens(),
+            "data.truncation": cfg.data.truncation,
         }
         if cfg.data.format != "text":  # raw text never meets the template
             settings["chat_template_sha256"] = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
@@ -215,6 +217,8 @@ class ExtractStage:
             "dtype": self.dtype,
             "prompt_rendering": rendering(self.cfg.data),
             "data_format": self.cfg.data.format,
+            "max_tokens": self.max_tokens(),
+            "truncation": self.cfg.data.truncation,
             "with_adapter": self.cfg.extract.with_adapter,
             "fingerprint": self.fingerprint,
         }
@@ -230,18 +234,30 @@ class ExtractStage:
             row, problem = next(iter(problems.items()))
             raise bad_row_error(chunk.shard.path, chunk.start + row, problem, self.cfg.data)
         col = input_column(self.cfg.data)
-        return ids, token_ids, {i: f"bad row: {p} (column {col!r})" for i, p in problems.items()}
+        not_run = {i: f"bad row: {p} (column {col!r})" for i, p in problems.items()}
+        token_ids, too_long, truncated = bound_rows(token_ids, self.cfg.data, self.max_tokens(),
+                                                    from_model=self.cfg.data.max_tokens is None)
+        return ids, token_ids, {**not_run, **too_long}, truncated
+
+    def max_tokens(self) -> int | None:
+        """data.max_tokens, or the model's maximum position when unset."""
+        if self.cfg.data.max_tokens is not None:
+            return self.cfg.data.max_tokens
+        config = self.trunk.config if self.trunk is not None else load_model_config(self.cfg)
+        return getattr(config, "max_position_embeddings", None)
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
-        ids, token_ids, not_run = prepared if prepared is not None else self.prepare(unit)
+        ids, token_ids, not_run, truncated = prepared if prepared is not None else self.prepare(unit)
         vectors, stats, errors = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
                                                  self.tokenizer.pad_token_id, self.prefix, skip=not_run)
+        stats["truncated_rows"] = truncated
         chunk = unit.source
         for i, e in errors.items():
             log.warning("%s row %d (id %s): %s; not extracted: its activation is null and its 'error' says why",
                         chunk.shard.path, chunk.start + i, ids[i], e)
-        log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
-                 unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
+        log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%%s", unit.shard,
+                 unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats),
+                 f", {truncated} row(s) cut to {self.max_tokens()} tokens ({self.cfg.data.truncation})" if truncated else "")
         path = self.out.chunk_path(unit.shard, unit.index)
         self.out.write_chunk(path, lambda tmp: write_activations(
             tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype,
