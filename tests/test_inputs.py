@@ -286,3 +286,17 @@ def test_a_row_past_the_batch_budget_runs_as_a_batch_of_its_own(tokenizer, full_
     for i, row in enumerate(ids):
         ref = hooked_last(full_model, row)
         assert (got[i] - ref).abs().max() / ref.norm() < 1e-4, i
+
+
+def test_the_report_shows_a_conversation_as_role_lines(tmp_path):
+    """prompts_by_id (the report's prompt column) reads the format's column; a conversation as text."""
+    from pipeline.config import DataConfig
+    from pipeline.io.shards import prompts_by_id, resolve_shards
+
+    path = write_parquet(tmp_path / "in.parquet", {"messages": CONVERSATIONS[:2], "id": ["a", "b"]})
+    cfg = DataConfig(paths=[str(path)], format="messages")
+    assert prompts_by_id(resolve_shards(cfg), cfg, {"b"}) == {
+        "b": "system: You are terse.\nuser: Name a colour."}
+    path = write_parquet(tmp_path / "t.parquet", {"text": TEXTS[:2]})
+    cfg = DataConfig(paths=[str(path)], format="text")
+    assert prompts_by_id(resolve_shards(cfg), cfg, {"00000-t:1"}) == {"00000-t:1": LONG}

@@ -1,4 +1,4 @@
-"""Stage 1: prompts, conversations or texts (Parquet) -> last-real-token output of decoder layer ``extract.layer`` (Arrow).
+"""Stage 1: Parquet rows (prompts, conversations, texts) -> last-token output of ``extract.layer`` (Arrow).
 
     nla-pipeline extract --config configs/tiny.yaml
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
