@@ -48,10 +48,23 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     paths: list[str] = _f([], "Parquet files or globs, in order; empty means the bundled sample prompts")
-    prompt_column: str = _f("prompt", "column holding each prompt (rendered as one user message)")
+    format: str = _f("prompt", "prompt|messages|text: a string rendered as one user message by the chat template; "
+                     "a list of {role, content} rendered whole by it; raw text, no template")
+    prompt_column: str = _f("prompt", "column holding each prompt (data.format=prompt; rendered as one user message)")
+    messages_column: str = _f("messages", "column holding each conversation, a list of {role, content} structs "
+                              "(data.format=messages)")
+    text_column: str = _f("text", "column holding each raw text (data.format=text)")
+    add_generation_prompt: bool = _f(True, "data.format=messages: end the rendering with the assistant header, "
+                                     "as prompt does")
     id_column: str = _f("id", "column holding row ids; when absent the id is '<shard name>:<row index>', "
                          "e.g. 00000-train:17")
     chunk_rows: int = _f(256, "rows per chunk, the unit of work, output file and resume")
+    max_tokens: int | None = _f(None, "most tokens a rendered row may have; null: the model's max_position_embeddings")
+    truncation: str = _f("error_row", "error_row|left|right: a longer row becomes an error row, or loses its first "
+                         "tokens (left: keeps the end) or its last ones (right: keeps the start)")
+    on_bad_row: str = _f("error", "error|skip: a null, a wrong type, a malformed message list or an empty rendering "
+                         "stops the run naming its file and row, or becomes an error row (null activation) and "
+                         "the run goes on")
 
 
 @dataclass
@@ -250,6 +263,9 @@ def _validate(cfg: Config) -> None:
         "model.device": (cfg.model.device, ("auto", "cpu", "cuda")),
         "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
         "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate")),
+        "data.format": (cfg.data.format, ("prompt", "messages", "text")),
+        "data.on_bad_row": (cfg.data.on_bad_row, ("error", "skip")),
+        "data.truncation": (cfg.data.truncation, ("error_row", "left", "right")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -261,6 +277,8 @@ def _validate(cfg: Config) -> None:
                        ("report.sample_rows", cfg.report.sample_rows)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+    if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
+        raise PipelineError(f"config key data.max_tokens: must be at least 1 (or null), got {cfg.data.max_tokens}")
     if cfg.model.adapter and cfg.model.verbalizer:
         raise PipelineError(f"config keys model.adapter ({cfg.model.adapter!r}) and model.verbalizer "
                             f"({cfg.model.verbalizer!r}) are both set: stage 2 runs either a LoRA on model.base "

@@ -248,11 +248,10 @@ class StageDir:
         old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("fingerprint") == fp:
             return
-        before, now = old.get("settings", {}), settings
-        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in diff[:4])
+        diff = _differences(old.get("settings", {}), settings)
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:4])
         raise PipelineError(
-            f"{self.root} was written with other settings ({shown}); "
+            f"{self.root} was written with other settings or inputs ({shown}); "
             "use another output directory, or pass --overwrite to start clean"
         )
 
@@ -304,3 +303,18 @@ class StageDir:
         if kept:
             log.warning("--overwrite: kept %d shard director(ies) under %s that hold files this stage did not "
                         "write (e.g. %s)", len(kept), self.root, kept[0])
+
+
+def _differences(before: dict, now: dict, name: str = "") -> list[tuple[str, object, object]]:
+    """(key, old, new) of each setting that differs. Mappings on both sides are compared key by
+    key, so a rewritten input file reads ``data.files[/data/a.parquet].size: 1024 -> 2048``."""
+    diff = []
+    for k in sorted(set(before) | set(now)):
+        a, b = before.get(k), now.get(k)
+        # A mapping setting's keys may be paths (data.files), hence brackets one level down.
+        key = k if not name else (f"{name}[{k}]" if "[" not in name else f"{name}.{k}")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += _differences(a, b, key)
+        elif a != b:
+            diff.append((key, a, b))
+    return diff

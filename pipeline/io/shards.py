@@ -3,16 +3,20 @@
     from pipeline.io.shards import resolve_shards, plan_chunks, read_prompts
     shards = resolve_shards(cfg.data)          # validated before any model work
     for chunk in plan_chunks(shards, cfg.data.chunk_rows):
-        ids, prompts = read_prompts(chunk, cfg.data)
+        ids, values = read_values(chunk, cfg.data)    # the data.format column's values; None for a null
+        ids, prompts = read_prompts(chunk, cfg.data)  # the same, raising on the first bad row
     warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
+    check_no_nulls(shards, cfg.data)          # data.on_bad_row=error: a null prompt fails before model work
     prompts_by_id(shards, cfg.data, {"a17", "b3"})   # {"a17": "...", ...}: the report joins prompts back
 
-A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
+Each Shard carries its file's identity (size, rows, a hash of the Parquet footer), which extract's
+fingerprint records. A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
 it, so memory stays bounded whatever the shard's size.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import glob
 import logging
 import os
@@ -27,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.io.rows import check_column, input_column, is_string_like, row_problem, row_text
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,14 @@ class Shard:
     path: str
     num_rows: int
     has_id_column: bool
+    size: int = 0            # bytes; with num_rows and footer_sha256, the file's identity
+    footer_sha256: str = ""  # of the Parquet footer (schema, row groups, their statistics)
+
+    @property
+    def identity(self) -> dict:
+        """What extract's fingerprint records of this file, so a resume after the file was rewritten
+        (even under the same name) is refused instead of mixing old chunks with new ones."""
+        return {"size": self.size, "rows": self.num_rows, "parquet_footer_sha256": self.footer_sha256}
 
     @property
     def name(self) -> str:
@@ -78,6 +91,18 @@ def _open(path: str) -> pq.ParquetFile:
         raise PipelineError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
 
 
+def _footer_sha256(path: str) -> str:
+    """Hash of the file's Parquet footer: a file ends with the footer, its 4-byte length and b"PAR1".
+    The footer holds every row group's size, offsets and column statistics, so rewritten content
+    changes it, and reading it costs one small read whatever the file's size."""
+    with open(path, "rb") as f:
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        f.seek(-8 - length, os.SEEK_END)
+        return hashlib.sha256(f.read(length)).hexdigest()[:16]
+
+
 def resolve_shards(data_cfg) -> list[Shard]:
     """Expand globs, open every file and check its columns, so bad input fails before model work."""
     files = _expand(data_cfg.paths) if data_cfg.paths else [sample_prompts_path()]
@@ -85,14 +110,9 @@ def resolve_shards(data_cfg) -> list[Shard]:
     for i, path in enumerate(files):
         pf = _open(path)
         schema = pf.schema_arrow
-        col = data_cfg.prompt_column
-        if col not in schema.names:
-            raise PipelineError(
-                f"{path}: no column {col!r} (columns: {', '.join(schema.names)}); set data.prompt_column"
-            )
-        if not _is_string_like(schema.field(col).type):
-            raise PipelineError(f"{path}: column {col!r} holds {schema.field(col).type}, not strings")
-        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names))
+        check_column(path, schema, data_cfg)
+        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names,
+                            os.path.getsize(path), _footer_sha256(path)))
     return shards
 
 
@@ -128,26 +148,61 @@ def _row_groups(path: str, mtime_ns: int, groups: tuple[int, ...], columns: tupl
     return _open(path).read_row_groups(list(groups), columns=list(columns))
 
 
-def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list[str]]:
-    """(ids, prompts) of one chunk; a null prompt is an error that names its row."""
+def read_values(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
+    """(ids, values) of one chunk: each row's value of the format's column, as Python objects (a
+    string, a list of message dicts, or None); ``pipeline.io.rows`` says which ones are bad."""
     shard = chunk.shard
-    columns = [data_cfg.prompt_column] + ([data_cfg.id_column] if shard.has_id_column else [])
+    col = input_column(data_cfg)
+    columns = [col] + ([data_cfg.id_column] if shard.has_id_column and data_cfg.id_column != col else [])
     table = read_rows(shard.path, chunk.start, chunk.stop, columns)
-    prompts = table.column(data_cfg.prompt_column).to_pylist()
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise PipelineError(
-                f"{shard.path}: row {chunk.start + i}: prompt is {p!r}, not a string (column {data_cfg.prompt_column!r})"
-            )
+    values = table.column(col).to_pylist()
     if shard.has_id_column:
         ids = [str(v) for v in table.column(data_cfg.id_column).to_pylist()]
     else:  # the shard's name, not the file stem: en/train.parquet and de/train.parquet must not collide
-        ids = [f"{shard.name}:{chunk.start + i}" for i in range(len(prompts))]
-    return ids, prompts
+        ids = [f"{shard.name}:{chunk.start + i}" for i in range(len(values))]
+    return ids, values
+
+
+def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
+    """Like read_values, but the first bad row (a null prompt, say) is an error that names its row."""
+    ids, values = read_values(chunk, data_cfg)
+    for i, v in enumerate(values):
+        problem = row_problem(v, data_cfg)
+        if problem is not None:
+            raise bad_row_error(chunk.shard.path, chunk.start + i, problem, data_cfg)
+    return ids, values
+
+
+def bad_row_error(path: str, row: int, problem: str, data_cfg) -> PipelineError:
+    return PipelineError(f"{path}: row {row}: {problem} (column {input_column(data_cfg)!r}); fix the row, or set "
+                         "data.on_bad_row=skip to write such rows as error rows and go on")
+
+
+def check_no_nulls(shards: list[Shard], data_cfg) -> None:
+    """Refuse the first null of a string column before any model work, from the Parquet footer's
+    null counts: no row is read unless a row group has one. (Other bad rows are found when their
+    chunk is read, still before that chunk's model work.) A list column's leaf counts do not say
+    whether a whole conversation is null, so only the prompt and text formats are checked here."""
+    if data_cfg.format == "messages":
+        return
+    col = input_column(data_cfg)
+    for shard in shards:
+        pf = _open(shard.path)
+        meta = pf.metadata
+        leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == col)  # nested columns
+        row = 0
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            stats = group.column(leaf).statistics
+            if stats is not None and stats.has_null_count and stats.null_count:
+                nulls = pf.read_row_group(g, columns=[col]).column(0).is_null().to_numpy(zero_copy_only=False)
+                first = row + int(np.argmax(nulls))
+                raise bad_row_error(shard.path, first, f"{data_cfg.format} is None, not a string", data_cfg)
+            row += group.num_rows
 
 
 def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, str]:
-    """The prompts of the rows whose ids are in ``wanted`` (ids as ``read_prompts`` makes them), read a
+    """The prompts (a conversation as 'role: content' lines) of the rows whose ids are in ``wanted`` (ids as ``read_prompts`` makes them), read a
     row group at a time: only the id column is read whole, and memory holds one row group's ids."""
     from pandas import Series
 
@@ -156,16 +211,17 @@ def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, 
         if not shard.has_id_column:  # generated ids name their row: '<shard name>:<row>'
             for name, _, row in sorted(i.rpartition(":") for i in wanted):
                 if name == shard.name and row.isdigit() and int(row) < shard.num_rows:
-                    table = read_rows(shard.path, int(row), int(row) + 1, [data_cfg.prompt_column])
-                    found[f"{name}:{row}"] = table.column(0)[0].as_py()
+                    table = read_rows(shard.path, int(row), int(row) + 1, [input_column(data_cfg)])
+                    found[f"{name}:{row}"] = row_text(table.column(0)[0].as_py(), data_cfg)
             continue
         pf, targets = _open(shard.path), list(wanted)
         for g in range(pf.metadata.num_row_groups):
             ids = _id_strings(pf.read_row_group(g, columns=[data_cfg.id_column]).column(0))
             hits = np.flatnonzero(Series(ids).isin(targets).to_numpy())  # hashed, not a Python loop per row
             if hits.size:
-                prompts = pf.read_row_group(g, columns=[data_cfg.prompt_column]).column(0).take(hits)
-                found.update((ids[i], p) for i, p in zip(hits, prompts.to_pylist()) if ids[i] not in found)
+                prompts = pf.read_row_group(g, columns=[input_column(data_cfg)]).column(0).take(hits)
+                found.update((ids[i], row_text(p, data_cfg)) for i, p in zip(hits, prompts.to_pylist())
+                             if ids[i] not in found)
     return found
 
 
@@ -209,19 +265,10 @@ def _id_strings(column: pa.ChunkedArray) -> np.ndarray:
     t = column.type
     if pa.types.is_dictionary(t):
         column, t = column.cast(t.value_type), t.value_type
-    if _is_string_like(t) or pa.types.is_integer(t):  # Arrow's cast gives str()'s text for these
+    if is_string_like(t) or pa.types.is_integer(t):  # Arrow's cast gives str()'s text for these
         column = pc.fill_null(column.cast(pa.large_string()), "None")
         return column.to_numpy(zero_copy_only=False)
     return np.array([str(v) for v in column.to_pylist()], dtype=object)
-
-
-def _is_string_like(t: pa.DataType) -> bool:
-    """string, large_string, string_view (pyarrow >= 16), or a dictionary of one of them (what a
-    pandas categorical becomes): every type whose ``to_pylist`` gives Python str."""
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    is_view = getattr(pa.types, "is_string_view", lambda _: False)
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or is_view(t)
 
 
 def warn_duplicate_ids(shards: list[Shard], data_cfg) -> None:

@@ -59,6 +59,8 @@ def print_summary(results, world_size: int = 1) -> None:
             line += f", padding {100 * padding_fraction(r.stats):.1f}%"
         if r.stats.get("error_rows"):
             line += f", {r.stats['error_rows']} row(s) not extracted (see the 'error' column)"
+        if r.stats.get("truncated_rows"):
+            line += f", {r.stats['truncated_rows']} row(s) cut to data.max_tokens (data.truncation)"
         if r.stats.get("bad_rows"):
             line += f", {r.stats['bad_rows']} bad vector(s) skipped (see the 'error' column)"
         lines.append(line + f"\n  output: {r.out_dir} ({r.rows_in_output}/{r.rows_planned} rows finished)")

@@ -215,7 +215,8 @@ def _join_prompts(cfg, extract_dir: str, rows: list[dict]) -> str | None:
     fp = Path(extract_dir) / FINGERPRINT
     settings = json.loads(fp.read_text(encoding="utf-8")).get("settings", {}) if fp.exists() else {}
     data = dataclasses.replace(cfg.data, **{k.split(".", 1)[1]: settings[k] for k in
-                                            ("data.paths", "data.prompt_column", "data.id_column") if k in settings})
+                                            ("data.paths", "data.format", "data.prompt_column", "data.messages_column",
+                                             "data.text_column", "data.id_column") if k in settings})
     try:
         shards = resolve_shards(data)
     except PipelineError as e:

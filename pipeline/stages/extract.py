@@ -1,4 +1,4 @@
-"""Stage 1: prompts (Parquet) -> last-real-token output of decoder layer ``extract.layer`` (Arrow).
+"""Stage 1: Parquet rows (prompts, conversations, texts) -> last-token output of ``extract.layer`` (Arrow).
 
     nla-pipeline extract --config configs/tiny.yaml
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
@@ -6,9 +6,11 @@
     from pipeline.stages.extract import ExtractStage, extract_vectors
     vectors, stats, errors = extract_vectors(trunk, token_ids, max_batch_tokens=8192, pad_id=tok.pad_token_id)
 
-Each prompt is rendered as one user message with the chat template (add_generation_prompt=True),
-exactly as the model card does. Batches are right-padded with an explicit attention mask, so every
-real token keeps the RoPE position it has alone, and the vector is gathered at ``length - 1``.
+Each row is rendered as ``data.format`` says (``pipeline.io.rows``): a prompt as one user message
+with the chat template (add_generation_prompt=True), exactly as the model card does; a conversation
+whole by the template; raw text with no template. Batches are right-padded with an explicit
+attention mask, so every real token keeps the RoPE position it has alone, and the vector is
+gathered at ``length - 1``.
 """
 from __future__ import annotations
 
@@ -25,29 +27,17 @@ from pipeline.io.layout import StageDir
 from pipeline.models.modeling import load_extract_model, load_model_config, load_tokenizer, model_identity, resolve_dtype, resolve_source
 from pipeline.protocol.resolve import resolve_protocol
 from pipeline.engines.prefix import SharedPrefix
-from pipeline.io.shards import plan_chunks, read_prompts, resolve_shards, warn_duplicate_ids
+from pipeline.io.rows import bound_rows, chat_prefix_ids, input_column, prefix_ids, render_prompts, render_rows, rendering
+from pipeline.io.shards import bad_row_error, check_no_nulls, plan_chunks, read_values, resolve_shards, warn_duplicate_ids
 
 log = logging.getLogger(__name__)
 
-PROMPT_RENDERING = "chat_template([{role: user, content: prompt}], add_generation_prompt=True)"
+__all__ = ["ExtractStage", "chat_prefix_ids", "extract_vectors", "padding_fraction", "render_and_tokenize"]
 
 
 def render_and_tokenize(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """The card's rendering: one user message, generation prompt, then a plain tokenizer call."""
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    return tokenizer(texts)["input_ids"]
-
-
-def chat_prefix_ids(tokenizer) -> list[int]:
-    """The tokens every rendered prompt starts with: the template's text before the user's content
-    (system block and user header). Empty when the template does not show the content verbatim."""
-    sentinel = "\ue000"  # a private-use character no template adds
-    text = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False,
-                                         add_generation_prompt=True)
-    return tokenizer(text.split(sentinel)[0])["input_ids"] if sentinel in text else []
+    """The card's rendering of prompts (data.format=prompt); ``pipeline.io.rows`` renders every format."""
+    return render_prompts(tokenizer, prompts)
 
 
 def _forward_last(trunk, token_ids: list[list[int]], pad_id: int, prefix: SharedPrefix | None = None) -> torch.Tensor:
@@ -107,9 +97,10 @@ def _too_long(token_ids: list[list[int]], max_positions: int | None) -> dict[int
 
 @torch.inference_mode()
 def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pad_id: int,
-                    prefix: SharedPrefix | None = None):
+                    prefix: SharedPrefix | None = None, skip: dict[int, str] | None = None):
     """Layer output at each row's last real token: float32 [rows, d_model] in input order, stats and
-    errors ({row: message}; that row's vector is zeros).
+    errors ({row: message}; that row's vector is zeros). Rows in ``skip`` ({row: message}: bad
+    rows the caller found) are not run and come back among the errors with their message.
 
     Rows that start with ``prefix.ids`` and go past them are run as
     suffixes on top of the cached prefix; the others (a template that tokenizes differently at the
@@ -118,8 +109,8 @@ def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pa
     the rows fed to the model, ``reused_tokens`` prefix tokens not recomputed, ``computed_tokens`` tokens fed to the
     model including padding, ``error_rows``.
     """
-    too_long = _too_long(token_ids, getattr(trunk.config, "max_position_embeddings", None))
-    errors = dict(too_long)
+    not_run = {**(skip or {}), **_too_long(token_ids, getattr(trunk.config, "max_position_embeddings", None))}
+    errors = dict(not_run)
     plen = prefix.length if prefix is not None and prefix.ids else 0
     shared = [plen > 0 and len(t) > plen and t[:plen] == prefix.ids for t in token_ids]
     fed = [t[plen:] if s else t for t, s in zip(token_ids, shared)]
@@ -134,7 +125,7 @@ def extract_vectors(trunk, token_ids: list[list[int]], max_batch_tokens: int, pa
             out[torch.tensor(batch)] = vectors
             errors.update((batch[i], e) for i, e in batch_errors.items())
             computed += len(batch) * max(lengths[i] for i in batch)
-    fed_rows = [i for i in range(len(token_ids)) if i not in too_long]
+    fed_rows = [i for i in range(len(token_ids)) if i not in not_run]
     stats = {"tokens": sum(len(token_ids[i]) for i in fed_rows), "computed_tokens": computed,
              "reused_tokens": plen * sum(shared[i] for i in fed_rows), "error_rows": len(errors)}
     return out, stats, dict(sorted(errors.items()))
@@ -166,6 +157,8 @@ class ExtractStage:
         """Every chunk of every input file; the files are opened and their columns checked here."""
         self.shards = resolve_shards(self.cfg.data)
         warn_duplicate_ids(self.shards, self.cfg.data)
+        if self.cfg.data.on_bad_row == "error":
+            check_no_nulls(self.shards, self.cfg.data)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
     def protocol_record(self) -> dict:
@@ -189,13 +182,21 @@ class ExtractStage:
             "extract.layer": cfg.extract.layer,
             "extract.output_dtype": cfg.extract.output_dtype,
             "extract.with_adapter": cfg.extract.with_adapter,
-            "prompt_rendering": PROMPT_RENDERING,
-            "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+            "prompt_rendering": rendering(cfg.data),
             "data.paths": [s.path for s in self.shards],
-            "data.prompt_column": cfg.data.prompt_column,
+            "data.files": {s.path: s.identity for s in self.shards},  # a rewritten file must not resume
+            "data.format": cfg.data.format,
+            f"data.{cfg.data.format}_column": input_column(cfg.data),
             "data.id_column": cfg.data.id_column,
             "data.chunk_rows": cfg.data.chunk_rows,
+            # data.on_bad_row is not here: a run stopped by a bad row may resume with skip.
+            "data.max_tokens": self.max_tokens(),
+            "data.truncation": cfg.data.truncation,
         }
+        if cfg.data.format != "text":  # raw text never meets the template
+            settings["chat_template_sha256"] = hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16]
+        if cfg.data.format == "messages":
+            settings["data.add_generation_prompt"] = cfg.data.add_generation_prompt
         if cfg.extract.with_adapter:
             settings["model.adapter"] = cfg.model.adapter
         return settings
@@ -204,34 +205,59 @@ class ExtractStage:
         if self.trunk is None:
             self.trunk = load_extract_model(self.cfg, self.rt.device)
         self.tokenizer = self.tokenizer or load_tokenizer(self.cfg)
-        # Keys and values of the template's opening (system block + user header), once per model load.
-        self.prefix = SharedPrefix(self.trunk, input_ids=chat_prefix_ids(self.tokenizer))
+        # Keys and values of the template's opening (system block + user header), once per model
+        # load; none for raw text, which shares no opening.
+        shared = prefix_ids(self.tokenizer, self.cfg.data)
+        self.prefix = SharedPrefix(self.trunk, input_ids=shared) if shared else None
         self.metadata = {
             "nla_pipeline_version": __version__,
             "base_model": self.cfg.model.base,
             "layer": self.cfg.extract.layer,
             "num_layers": load_model_config(self.cfg).num_hidden_layers,
             "dtype": self.dtype,
-            "prompt_rendering": PROMPT_RENDERING,
+            "prompt_rendering": rendering(self.cfg.data),
+            "data_format": self.cfg.data.format,
+            "max_tokens": self.max_tokens(),
+            "truncation": self.cfg.data.truncation,
             "with_adapter": self.cfg.extract.with_adapter,
             "fingerprint": self.fingerprint,
         }
 
-    def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]]]:
-        """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward)."""
-        ids, prompts = read_prompts(unit.source, self.cfg.data)
-        return ids, render_and_tokenize(self.tokenizer, prompts)
+    def prepare(self, unit: Unit) -> tuple[list[str], list[list[int]], dict[int, str]]:
+        """Read and tokenize one chunk (CPU work the driver overlaps with the previous chunk's forward):
+        (ids, token ids, {row: why it is not run}). A bad row stops the run here, before this chunk's
+        model work, unless data.on_bad_row=skip."""
+        chunk = unit.source
+        ids, values = read_values(chunk, self.cfg.data)
+        token_ids, problems = render_rows(self.tokenizer, values, self.cfg.data)
+        if problems and self.cfg.data.on_bad_row == "error":
+            row, problem = next(iter(problems.items()))
+            raise bad_row_error(chunk.shard.path, chunk.start + row, problem, self.cfg.data)
+        col = input_column(self.cfg.data)
+        not_run = {i: f"bad row: {p} (column {col!r})" for i, p in problems.items()}
+        token_ids, too_long, truncated = bound_rows(token_ids, self.cfg.data, self.max_tokens(),
+                                                    from_model=self.cfg.data.max_tokens is None)
+        return ids, token_ids, {**not_run, **too_long}, truncated
+
+    def max_tokens(self) -> int | None:
+        """data.max_tokens, or the model's maximum position when unset."""
+        if self.cfg.data.max_tokens is not None:
+            return self.cfg.data.max_tokens
+        config = self.trunk.config if self.trunk is not None else load_model_config(self.cfg)
+        return getattr(config, "max_position_embeddings", None)
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
-        ids, token_ids = prepared if prepared is not None else self.prepare(unit)
+        ids, token_ids, not_run, truncated = prepared if prepared is not None else self.prepare(unit)
         vectors, stats, errors = extract_vectors(self.trunk, token_ids, self.cfg.extract.max_batch_tokens,
-                                                 self.tokenizer.pad_token_id, self.prefix)
+                                                 self.tokenizer.pad_token_id, self.prefix, skip=not_run)
+        stats["truncated_rows"] = truncated
         chunk = unit.source
         for i, e in errors.items():
             log.warning("%s row %d (id %s): %s; not extracted: its activation is null and its 'error' says why",
                         chunk.shard.path, chunk.start + i, ids[i], e)
-        log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%", unit.shard,
-                 unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats))
+        log.info("extract %s chunk %d: %d rows, %d tokens (%d from the cached prefix), padding %.1f%%%s", unit.shard,
+                 unit.index, len(ids), stats["tokens"], stats["reused_tokens"], 100 * padding_fraction(stats),
+                 f", {truncated} row(s) cut to {self.max_tokens()} tokens ({self.cfg.data.truncation})" if truncated else "")
         path = self.out.chunk_path(unit.shard, unit.index)
         self.out.write_chunk(path, lambda tmp: write_activations(
             tmp, ids, vectors.numpy(), [len(t) for t in token_ids], self.metadata, self.cfg.extract.output_dtype,
