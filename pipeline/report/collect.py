@@ -95,6 +95,21 @@ def _norms(batch) -> tuple[np.ndarray, np.ndarray]:
     return np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)), ok
 
 
+def _new_rows(ids, fill, start: tuple[str, int, int]):
+    """Rows for the batch indices a sampler keeps, each filled and ordered by (shard, chunk, row)."""
+    shard, chunk, offset = start
+    return lambda idx: [fill({"id": ids[i], "order": (shard, chunk, offset + i)}, i) for i in idx]
+
+
+def _sample(acc: RunRows, primary: bool, ids, fill, new_rows) -> None:
+    """The primary stage draws the table's sample; every other stage fills in the rows already drawn."""
+    if primary:
+        acc.sample.add(ids, new_rows)
+    else:
+        for i, row in acc.sample.matches(ids):
+            fill(row, i)
+
+
 def _scan_activations(files: list[Path], acc: RunRows, primary: bool) -> None:
     for path in tqdm(files, desc="report: activations", unit="file", leave=False):
         shard, chunk = _where(path)
@@ -119,11 +134,7 @@ def _scan_activations(files: list[Path], acc: RunRows, primary: bool) -> None:
                     row["error"] = row.get("error") or f"extract: {errors[i].as_py()}"
                 return row
 
-            if primary:
-                acc.sample.add(ids, lambda idx: [fill({"id": ids[i], "order": (shard, chunk, offset + i)}, i) for i in idx])
-            else:
-                for i, row in acc.sample.matches(ids):
-                    fill(row, i)
+            _sample(acc, primary, ids, fill, _new_rows(ids, fill, (shard, chunk, offset)))
             offset += len(ids)
 
 
@@ -149,11 +160,7 @@ def _scan_explanations(files: list[Path], acc: RunRows, primary: bool) -> None:
                     row["error"] = errors[i].as_py()
                 return row
 
-            if primary:
-                acc.sample.add(ids, lambda idx: [fill({"id": ids[i], "order": (shard, chunk, offset + i)}, i) for i in idx])
-            else:
-                for i, row in acc.sample.matches(ids):
-                    fill(row, i)
+            _sample(acc, primary, ids, fill, _new_rows(ids, fill, (shard, chunk, offset)))
             offset += len(ids)
 
 
@@ -182,15 +189,9 @@ def _scan_scores(files: list[Path], acc: RunRows, primary: bool) -> None:
                 row.setdefault("finished", bool(finished[i]))
                 return row
 
-            def new_rows(idx):
-                return [fill({"id": ids[i], "order": (shard, chunk, offset + i)}, i) for i in idx]
-
+            new_rows = _new_rows(ids, fill, (shard, chunk, offset))
             acc.extremes.add(fve, new_rows)
-            if primary:
-                acc.sample.add(ids, new_rows)
-            else:
-                for i, row in acc.sample.matches(ids):
-                    fill(row, i)
+            _sample(acc, primary, ids, fill, new_rows)
             offset += len(ids)
 
 
