@@ -77,12 +77,16 @@ def verbalizer_source(cfg) -> tuple[str, str]:
     return "model.base", resolve_source(cfg.model.base, "model.base")
 
 
+def _role_source(cfg, role: str) -> tuple[str, str]:
+    return verbalizer_source(cfg) if role == "model.verbalizer" else (
+        "model.base", resolve_source(cfg.model.base, "model.base"))
+
+
 def load_tokenizer(cfg, role: str = "model.base"):
     """model.base's tokenizer; with role="model.verbalizer", the verbalizer's (model.base's for a LoRA)."""
     from transformers import AutoTokenizer
 
-    key, source = verbalizer_source(cfg) if role == "model.verbalizer" else ("model.base",
-                                                                            resolve_source(cfg.model.base, "model.base"))
+    key, source = _role_source(cfg, role)
     with load_errors("the tokenizer", key, source):
         tok = AutoTokenizer.from_pretrained(source)
     if tok.pad_token is None:  # padding ids are never attended to; the attention mask is always explicit
@@ -94,8 +98,7 @@ def load_model_config(cfg, role: str = "model.base"):
     """model.base's config; with role="model.verbalizer", the verbalizer's (model.base's for a LoRA)."""
     from transformers import AutoConfig
 
-    key, source = verbalizer_source(cfg) if role == "model.verbalizer" else ("model.base",
-                                                                            resolve_source(cfg.model.base, "model.base"))
+    key, source = _role_source(cfg, role)
     with load_errors("the model config", key, source):
         return AutoConfig.from_pretrained(source)
 
