@@ -74,6 +74,15 @@ class ExtractConfig:
     max_batch_tokens: int = _f(8192, "token budget per forward pass, padding included")
     output_dtype: str = _f("float32", "float32|float16 for the stored activation vectors")
     with_adapter: bool = _f(False, "extract with model.adapter active (the card's bug; off by default)")
+    positions: str = _f("last", "last|all|random|column: which positions of each rendered row are read (one output "
+                        "row per position, keyed by id + position)")
+    positions_per_row: int = _f(10, "extract.positions=random: positions drawn per row (a row with fewer eligible "
+                                "ones gives all of them)")
+    min_position: int = _f(50, "extract.positions=random: the first index that may be drawn (the NLA release's 50)")
+    seed: int = _f(0, "extract.positions=random: with each row's id, seeds that row's draw (the same positions on "
+                   "resume and with any process count)")
+    positions_column: str = _f("positions", "extract.positions=column: a list<int> column of positions per row; "
+                               "negative ones count from the end")
 
 
 @dataclass
@@ -266,6 +275,7 @@ def _validate(cfg: Config) -> None:
         "data.format": (cfg.data.format, ("prompt", "messages", "text")),
         "data.on_bad_row": (cfg.data.on_bad_row, ("error", "skip")),
         "data.truncation": (cfg.data.truncation, ("error_row", "left", "right")),
+        "extract.positions": (cfg.extract.positions, ("last", "all", "random", "column")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -274,9 +284,12 @@ def _validate(cfg: Config) -> None:
                        ("verbalize.batch_size", cfg.verbalize.batch_size),
                        ("score.max_batch_tokens", cfg.score.max_batch_tokens),
                        ("generation.max_new_tokens", cfg.generation.max_new_tokens),
-                       ("report.sample_rows", cfg.report.sample_rows)):
+                       ("report.sample_rows", cfg.report.sample_rows),
+                       ("extract.positions_per_row", cfg.extract.positions_per_row)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+    if cfg.extract.min_position < 0:
+        raise PipelineError(f"config key extract.min_position: must be at least 0, got {cfg.extract.min_position}")
     if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
         raise PipelineError(f"config key data.max_tokens: must be at least 1 (or null), got {cfg.data.max_tokens}")
     if cfg.model.adapter and cfg.model.verbalizer:

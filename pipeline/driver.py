@@ -13,7 +13,9 @@ stats; ``progress(n)``, when given, is called as rows finish). A stage may also 
 and ``process_stream(units_and_prepared, progress)``, a generator of (unit, stats) that may work on
 several units at once (verbalize keeps its decoder full across chunk boundaries), ``shared`` (what
 its ``plan()`` computed that every rank needs: score's FVE baseline) and ``finish(units)`` (called
-on each rank after its work has landed: score writes its summary there). The driver sets
+on each rank after its work has landed: score writes its summary there) and ``expected_rows(unit)``
+(the rows a finished output file must hold, when that is not ``unit.num_rows``: under ``run``,
+verbalize's units count extract's input rows, and extract.positions may read several per row). The driver sets
 ``stage.fingerprint`` (and ``stage.shared``) before ``setup()``. It owns the rest.
 
 Work split, independent of timing: rank 0 alone lists the work (``plan()``), wipes on
@@ -108,7 +110,8 @@ def _own_pending(stage, rt, mine: list[Unit]) -> list[Unit]:
         removed += stage.out.remove_temps(shard, names, {stage.out.chunk_name(u.index) for u in units})
         for u in units:
             if stage.out.chunk_name(u.index) in names:
-                problem = stage.out.chunk_problem(u.shard, u.index, u.num_rows)
+                expected = stage.expected_rows(u) if hasattr(stage, "expected_rows") else u.num_rows
+                problem = stage.out.chunk_problem(u.shard, u.index, expected)
                 if problem is None:
                     continue
                 path = stage.out.chunk_path(u.shard, u.index)

@@ -109,7 +109,10 @@ def test_output_is_a_dataset_and_ids_default_to_shard_name_and_row(tmp_path):
         schema = pa.ipc.open_stream(src).schema
     assert schema.field("activation").type == pa.list_(pa.float16(), 64)
     assert schema.field("n_tokens").type == pa.int32()
-    assert schema.names == ["id", "activation", "n_tokens", "error"]
+    assert schema.names == ["id", "position", "token_id", "activation", "n_tokens", "error"]
+    assert schema.field("position").type == schema.field("token_id").type == pa.int32()
+    assert ds["position"] == [n - 1 for n in ds["n_tokens"]]  # extract.positions=last
+    assert ds["token_id"] == [198] * 5  # "\n": the generation prompt's last token
     fp = json.loads((tmp_path / "extract" / "_fingerprint.json").read_text())
     assert fp["settings"]["extract.layer"] == 20
     assert (tmp_path / "extract" / "00000-b" / "_COMPLETE").exists()

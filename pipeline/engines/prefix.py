@@ -2,6 +2,7 @@
 
     from pipeline.engines.prefix import SharedPrefix
     prefix = SharedPrefix(body, input_ids=[151644, 8948, ...])        # or inputs_embeds=[1, P, d_model]
+    prefix.hidden                         # with keep_hidden=True: body's output at the prefix, [P, d_model]
     prefix.ids, prefix.length             # the tokens it stands for (None if built from embeddings), P
     cache = prefix.cache(rows=32)          # a fresh cache holding the prefix for 32 rows
     hidden = body(input_ids=suffixes, position_ids=prefix.length + arange(S), attention_mask=..., **prefix.kw(cache))
@@ -41,7 +42,7 @@ class SharedPrefix:
     prefill is better served by the fused SDPA kernels over per-row copies."""
 
     def __init__(self, body, input_ids: list[int] | None = None, inputs_embeds: torch.Tensor | None = None,
-                 cascade: bool = False):
+                 cascade: bool = False, keep_hidden: bool = False):
         if cascade and not supports_cascade(body):
             raise ValueError(f"shared-prefix attention needs attn_implementation={SDPA_GQA!r}")
         self.body, self.cascade = body, cascade
@@ -52,11 +53,16 @@ class SharedPrefix:
             inputs_embeds = body.get_input_embeddings()(torch.tensor([input_ids or []], dtype=torch.long, device=device))
         self.length = inputs_embeds.shape[1]
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # keep_hidden: the body's output at the prefix's positions, float32 [P, d_model] on the CPU
+        # (extract reads positions inside the prefix from it when it reads more than the last token).
+        self.hidden: torch.Tensor | None = None
         if self.length:
             cache = growable_cache()
             with torch.inference_mode():
-                self.body(inputs_embeds=inputs_embeds, use_cache=True, **{self.cache_kw: cache})
+                out = self.body(inputs_embeds=inputs_embeds, use_cache=True, **{self.cache_kw: cache})
             self.kv = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            if keep_hidden:
+                self.hidden = out.last_hidden_state[0].float().cpu()
 
     @property
     def columns(self) -> int:

@@ -3,7 +3,7 @@
     from pipeline.io.shards import resolve_shards, plan_chunks, read_prompts
     shards = resolve_shards(cfg.data)          # validated before any model work
     for chunk in plan_chunks(shards, cfg.data.chunk_rows):
-        ids, values = read_values(chunk, cfg.data)    # the data.format column's values; None for a null
+        ids, values, extra = read_values(chunk, cfg.data, ["positions"])  # the format's column (None: a null), + extra
         ids, prompts = read_prompts(chunk, cfg.data)  # the same, raising on the first bad row
     warn_duplicate_ids(shards, cfg.data)      # one warning when ids repeat: find_duplicate_ids
     check_no_nulls(shards, cfg.data)          # data.on_bad_row=error: a null prompt fails before model work
@@ -148,24 +148,31 @@ def _row_groups(path: str, mtime_ns: int, groups: tuple[int, ...], columns: tupl
     return _open(path).read_row_groups(list(groups), columns=list(columns))
 
 
-def read_values(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
-    """(ids, values) of one chunk: each row's value of the format's column, as Python objects (a
-    string, a list of message dicts, or None); ``pipeline.io.rows`` says which ones are bad."""
+def read_values(chunk: Chunk, data_cfg, extra: list[str] = ()) -> tuple[list[str], list, dict[str, list]]:
+    """(ids, values, {column: values}) of one chunk: each row's value of the format's column, as
+    Python objects (a string, a list of message dicts, or None; ``pipeline.io.rows`` says which ones
+    are bad), and the values of the ``extra`` columns (extract.positions_column, say)."""
     shard = chunk.shard
     col = input_column(data_cfg)
     columns = [col] + ([data_cfg.id_column] if shard.has_id_column and data_cfg.id_column != col else [])
+    columns += [c for c in extra if c not in columns]
     table = read_rows(shard.path, chunk.start, chunk.stop, columns)
     values = table.column(col).to_pylist()
     if shard.has_id_column:
         ids = [str(v) for v in table.column(data_cfg.id_column).to_pylist()]
     else:  # the shard's name, not the file stem: en/train.parquet and de/train.parquet must not collide
         ids = [f"{shard.name}:{chunk.start + i}" for i in range(len(values))]
-    return ids, values
+    return ids, values, {c: table.column(c).to_pylist() for c in extra}
+
+
+def read_schema(path: str) -> pa.Schema:
+    """The Arrow schema of an input file (its footer only)."""
+    return _open(path).schema_arrow
 
 
 def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
     """Like read_values, but the first bad row (a null prompt, say) is an error that names its row."""
-    ids, values = read_values(chunk, data_cfg)
+    ids, values, _ = read_values(chunk, data_cfg)
     for i, v in enumerate(values):
         problem = row_problem(v, data_cfg)
         if problem is not None:
@@ -173,9 +180,9 @@ def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
     return ids, values
 
 
-def bad_row_error(path: str, row: int, problem: str, data_cfg) -> PipelineError:
-    return PipelineError(f"{path}: row {row}: {problem} (column {input_column(data_cfg)!r}); fix the row, or set "
-                         "data.on_bad_row=skip to write such rows as error rows and go on")
+def bad_row_error(path: str, row: int, problem: str, data_cfg, column: str | None = None) -> PipelineError:
+    return PipelineError(f"{path}: row {row}: {problem} (column {column or input_column(data_cfg)!r}); fix the row, "
+                         "or set data.on_bad_row=skip to write such rows as error rows and go on")
 
 
 def check_no_nulls(shards: list[Shard], data_cfg) -> None:

@@ -15,7 +15,8 @@ vectors. Rank 0 computes it in one pass over the activation files before any sco
 must use the same number), unless ``score.fve_baseline`` fixes it.
 
 Each explanation file is a unit (the same shard/chunk layout as verbalize's); its rows are joined
-to the vectors of the matching activation file by id.
+to the vectors of the matching activation file by id and position (extract.positions may read
+several positions of one row).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.io.activations import count_rows, read_activations
+from pipeline.io.activations import count_rows, read_activations, read_row_keys
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
 from pipeline.io.layout import FINGERPRINT, StageDir
@@ -43,7 +44,8 @@ SUMMARY = "_summary.json"
 
 
 def output_schema(d_model: int, keep_reconstruction: bool, metadata: dict) -> pa.Schema:
-    fields = [pa.field("id", pa.string()), pa.field("cosine", pa.float32()), pa.field("mse", pa.float32()),
+    fields = [pa.field("id", pa.string()), pa.field("position", pa.int32()), pa.field("token_id", pa.int32()),
+              pa.field("cosine", pa.float32()), pa.field("mse", pa.float32()),
               pa.field("fve", pa.float32()), pa.field("finished", pa.bool_()), pa.field("n_generated", pa.int32()),
               pa.field("error", pa.string())]
     if keep_reconstruction:
@@ -174,6 +176,13 @@ class ScoreStage:
         log.info("score: FVE baseline %.6f (predict-the-mean error over %d vector(s))", value, rows)
         return {"fve_baseline": value, "fve_baseline_source": f"predict-the-mean error of the {rows} scored vectors"}
 
+    def expected_rows(self, unit: Unit) -> int:
+        """Rows a finished output file must hold: its explanation file's (see VerbalizeStage's)."""
+        try:
+            return parquet_rows(unit.source.explanations)
+        except Exception:  # noqa: BLE001 - missing or unreadable: the plan's count
+            return unit.num_rows
+
     def shard_info(self, shard_name: str, units: list[Unit]) -> dict | None:
         marker = self.inp.shard_marker(shard_name)  # verbalize's: the shard's whole extent
         return marker if marker and "chunks" in marker and "rows" in marker else None
@@ -202,10 +211,13 @@ class ScoreStage:
 
     def process(self, unit: Unit, progress=None, prepared=None) -> dict:
         src = unit.source
-        expl = pq.read_table(src.explanations, columns=["id", "explanation", "finished", "n_generated", "error"])
+        names = pq.read_schema(src.explanations).names
+        keys = [c for c in ("position", "token_id") if c in names]  # files from before positions have neither
+        expl = pq.read_table(src.explanations, columns=["id", *keys, "explanation", "finished", "n_generated", "error"])
         ids = expl.column("id").to_pylist()
+        positions = expl.column("position").to_pylist() if "position" in keys else [None] * len(ids)
         texts, errors = expl.column("explanation").to_pylist(), expl.column("error").to_pylist()
-        vectors = self._vectors(unit, ids, errors)  # [rows, d] float32; a row without one has an error now
+        vectors = self._vectors(unit, list(zip(ids, positions)), errors)  # [rows, d]; a row without one has an error now
         todo = [i for i, e in enumerate(errors) if e is None]
         preds = torch.zeros(len(ids), self.spec.d_model)
         cosine, mse = torch.full((len(ids),), float("nan")), torch.full((len(ids),), float("nan"))
@@ -231,6 +243,8 @@ class ScoreStage:
         stats["scored_rows"], stats["error_rows"] = sum(ok), len(ok) - sum(ok)
         columns = {
             "id": ids,
+            "position": positions,
+            "token_id": expl.column("token_id") if "token_id" in keys else [None] * len(ids),
             "cosine": pa.array(cosine.numpy(), pa.float32(), mask=~np.array(ok)),
             "mse": pa.array(mse.numpy(), pa.float32(), mask=~np.array(ok)),
             "fve": pa.array((1 - mse / baseline).numpy(), pa.float32(), mask=~np.array(ok)),
@@ -243,9 +257,10 @@ class ScoreStage:
         self.out.write_chunk(self.out.chunk_path(unit.shard, unit.index), lambda tmp: pq.write_table(table, tmp))
         return stats
 
-    def _vectors(self, unit: Unit, ids: list[str], errors: list) -> torch.Tensor:
-        """The vector of each explanation row, joined by id; rows with none (or a bad one) get an error,
-        and vectors with no explanation are reported, in one line each."""
+    def _vectors(self, unit: Unit, ids: list[tuple[str, int | None]], errors: list) -> torch.Tensor:
+        """The vector of each explanation row, joined by (id, position): with extract.positions one id
+        has many vectors. Rows with none (or a bad one) get an error, and vectors with no explanation
+        are reported, in one line each."""
         out = torch.zeros(len(ids), self.spec.d_model)
         path = unit.source.activations
         if not path.exists():
@@ -256,24 +271,29 @@ class ScoreStage:
                         path, len(missing))
             return out
         act_ids, vectors, _, _, act_errors = read_activations(path, width=self.spec.d_model)
+        act_positions = read_row_keys(path)["position"] or [None] * len(act_ids)
+        act_ids = list(zip(act_ids, act_positions))
         where = {k: j for j, k in reversed(list(enumerate(act_ids)))}
         unmatched = []
         for i, key in enumerate(ids):
             j = where.get(key)
             if j is None:
                 unmatched.append(key)
-                errors[i] = errors[i] or f"no vector with this id in {path}"
+                errors[i] = errors[i] or f"no vector with this id{'' if key[1] is None else ' and position'} in {path}"
             else:
                 out[i] = torch.tensor(vectors[j])
                 problem = act_errors.get(j) or vector_problem(out[i])
                 errors[i] = errors[i] or problem
+        def shown(keys):
+            return ", ".join(k if p is None else f"{k}@{p}" for k, p in keys[:10])
+
         if unmatched:
             log.warning("score %s chunk %d: %d explanation(s) have no vector in %s (ids %s)", unit.shard, unit.index,
-                        len(unmatched), path, ", ".join(map(str, unmatched[:10])))
-        orphans = sorted(set(act_ids) - set(ids))
+                        len(unmatched), path, shown(unmatched))
+        orphans = sorted(set(act_ids) - set(ids), key=str)
         if orphans:
             log.warning("score %s chunk %d: %d vector(s) in %s have no explanation (ids %s)", unit.shard, unit.index,
-                        len(orphans), path, ", ".join(map(str, orphans[:10])))
+                        len(orphans), path, shown(orphans))
         return out
 
     def finish(self, units: list[Unit]) -> None:

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline import __version__
-from pipeline.io.activations import count_rows, read_activations
+from pipeline.io.activations import count_rows, read_activations, read_row_keys
 from pipeline.engines.decoding import Decoder
 from pipeline.driver import Unit
 from pipeline.errors import PipelineError
@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA = pa.schema([
     pa.field("id", pa.string()),
+    pa.field("position", pa.int32()),   # carried from the activation file: id + position is the row key
+    pa.field("token_id", pa.int32()),
     pa.field("explanation", pa.string()),
     pa.field("finished", pa.bool_()),
     pa.field("n_generated", pa.int32()),
@@ -93,7 +95,14 @@ class _Chunk:
     vectors: torch.Tensor
     errors: list[str | None]
     good: list[int]
+    keys: dict[str, list | None] = field(default_factory=dict)  # position, token_id (None: not in the file)
     results: dict[int, tuple[str, bool, int]] = field(default_factory=dict)
+
+    @property
+    def row_weight(self) -> float:
+        """Progress per row: the plan counts a unit's rows as extract's input rows under ``run``, and
+        with extract.positions an input row gives several vectors."""
+        return self.unit.num_rows / len(self.ids) if self.ids else 1.0
 
 
 def _drain(queue: deque):
@@ -143,6 +152,14 @@ class VerbalizeStage:
             log.warning("verbalize: extract has not finished shard(s) %s; verbalizing the chunks that exist",
                         ", ".join(incomplete))
         return units
+
+    def expected_rows(self, unit: Unit) -> int:
+        """Rows a finished output file must hold: its activation file's. Under ``run`` the plan
+        counts extract's input rows, which differ once extract.positions reads several per row."""
+        try:
+            return count_rows(unit.source)
+        except (OSError, pa.ArrowInvalid):
+            return unit.num_rows
 
     def unit_from_extract(self, unit: Unit, extract_out: StageDir) -> Unit:
         """The verbalize unit that reads an extract unit's output (used by ``run``)."""
@@ -220,12 +237,16 @@ class VerbalizeStage:
         for i, e in enumerate(errors):
             if e is not None:
                 log.warning("%s row %d (id %s): %s; skipped", unit.source, i, ids[i], e)
-        return _Chunk(unit, ids, vectors, errors, [i for i, e in enumerate(errors) if e is None])
+        return _Chunk(unit, ids, vectors, errors, [i for i, e in enumerate(errors) if e is None],
+                      read_row_keys(unit.source))
 
     def _write(self, chunk: _Chunk) -> dict:
         results, ids = chunk.results, chunk.ids
+        none = [None] * len(ids)
         table = pa.table({
             "id": ids,
+            "position": chunk.keys.get("position") or none,
+            "token_id": chunk.keys.get("token_id") or none,
             "explanation": [results[i][0] if i in results else "" for i in range(len(ids))],
             "finished": [results[i][1] if i in results else False for i in range(len(ids))],
             "n_generated": [results[i][2] if i in results else 0 for i in range(len(ids))],
@@ -252,6 +273,7 @@ class VerbalizeStage:
                 chunk.results = dict(zip(chunk.good, self._generate(chunk.vectors[chunk.good])))
                 yield unit, self._write(chunk)
             return
+        tick = progress
         open_chunks: dict[tuple[str, int], _Chunk] = {}
         ready: deque[_Chunk] = deque()
         failure: list[BaseException] = []
@@ -270,9 +292,11 @@ class VerbalizeStage:
             except Exception as e:  # noqa: BLE001 - re-raised below, after the rows in flight are written
                 failure.append(e)
 
-        for (key, i), (tokens, _, _) in self.decoder.stream(rows(), progress):
+        for (key, i), (tokens, _, _) in self.decoder.stream(rows(), None):
             chunk = open_chunks[key]
             chunk.results[i] = self._decode(tokens)
+            if tick is not None:
+                tick(chunk.row_weight)
             if len(chunk.results) == len(chunk.good):
                 ready.append(open_chunks.pop(key))
             yield from ((c.unit, self._write(c)) for c in _drain(ready))
