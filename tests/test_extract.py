@@ -290,7 +290,8 @@ def test_verbalize_gives_an_extract_error_row_an_error_and_no_generation(tmp_pat
     assert run_verbalize(tmp_path, tmp_path / "acts") == 0
     rows, _ = read_explanations(tmp_path / "verbalize")
     assert [r["id"] for r in rows] == ["v0", "bad", "v1", "v2"]
-    assert rows[1] == {"id": "bad", "explanation": "", "finished": False, "n_generated": 0,
+    # a file without position/token_id columns (another tool's) is read: both come out null
+    assert rows[1] == {"id": "bad", "position": None, "token_id": None, "explanation": "", "finished": False, "n_generated": 0,
                        "error": "extract: prompt has 5000 tokens, more than the model's maximum of 4096 positions"}
     for row, v in zip((rows[0], rows[2], rows[3]), vectors[:3]):
         assert row["error"] is None

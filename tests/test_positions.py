@@ -114,6 +114,11 @@ def test_random_positions_do_not_depend_on_chunking_or_resume(tmp_path):
     for i, p in first:
         per_row.setdefault(i, []).append(p)
     assert len({tuple(v) for v in per_row.values()}) == 5  # each row its own draw, not one shared pattern
+    # datasets reads the whole stage in input order: row by row, each row's positions ascending
+    import datasets
+    ds = datasets.load_dataset("arrow", data_files=str(tmp_path / "b" / "extract" / "*" / "chunk_*.arrow"), split="train")
+    assert list(zip(ds["id"], ds["position"])) == first
+    assert [i for i, _ in first] == sorted(i for i, _ in first) and all(v == sorted(v) for v in per_row.values())
 
 
 def test_two_processes_and_a_killed_run_resumed_read_the_same_positions(tmp_path, offline_cache, tiny_adapter_dir):

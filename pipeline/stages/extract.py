@@ -1,4 +1,4 @@
-"""Stage 1: Parquet rows (prompts, conversations, texts) -> last-token output of ``extract.layer`` (Arrow).
+"""Stage 1: Parquet rows (prompts, conversations, texts) -> output of ``extract.layer`` at chosen positions (Arrow).
 
     nla-pipeline extract --config configs/tiny.yaml
     python -m pipeline extract --config configs/qwen2.5-7b-l20-av-v2.yaml data.paths='[prompts/*.parquet]'
@@ -9,8 +9,11 @@
 Each row is rendered as ``data.format`` says (``pipeline.io.rows``): a prompt as one user message
 with the chat template (add_generation_prompt=True), exactly as the model card does; a conversation
 whole by the template; raw text with no template. Batches are right-padded with an explicit
-attention mask, so every real token keeps the RoPE position it has alone, and the vector is
-gathered at ``length - 1``.
+attention mask, so every real token keeps the RoPE position it has alone, and the vectors are
+gathered at the row's positions (``extract.positions``, ``pipeline.io.positions``: the last token,
+``length - 1``, by default), one output row per (row, position). A row longer than the batch budget
+runs alone in pieces of it; vectors are written record batch by record batch, so memory stays
+bounded for any length and position mode.
 """
 from __future__ import annotations
 
