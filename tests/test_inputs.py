@@ -79,12 +79,12 @@ def reference_ids(tokenizer, fmt: str, value, add_generation_prompt: bool = True
     return tokenizer(text)["input_ids"]
 
 
-def hooked_last(model, ids: list[int], layer: int = 20) -> torch.Tensor:
-    """One row alone through the full model; decoder layer ``layer``'s output at the last position."""
+def hooked_all(model, ids: list[int], layer: int = 20) -> torch.Tensor:
+    """One row alone through the full model; decoder layer ``layer``'s output at every position [n, d]."""
     seen = {}
 
     def hook(mod, inp, out):  # returns None: the layer's output goes on unchanged
-        seen["h"] = (out[0] if isinstance(out, tuple) else out)[0, -1].float()
+        seen["h"] = (out[0] if isinstance(out, tuple) else out)[0].float()
 
     handle = model.model.layers[layer].register_forward_hook(hook)
     try:
@@ -93,6 +93,11 @@ def hooked_last(model, ids: list[int], layer: int = 20) -> torch.Tensor:
     finally:
         handle.remove()
     return seen["h"]
+
+
+def hooked_last(model, ids: list[int], layer: int = 20) -> torch.Tensor:
+    """Decoder layer ``layer``'s output at the row's last position."""
+    return hooked_all(model, ids, layer)[-1]
 
 
 @pytest.mark.parametrize("fmt, gen", [("prompt", True), ("messages", True), ("messages", False), ("text", True)])

@@ -7,30 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipeline.cli import main
 from tests.conftest import TINY_CONFIG, tiny_overrides, write_parquet
 from tests.test_bad_input import expect_error
-from tests.test_inputs import CONVERSATIONS, LONG, PROMPTS, TEXTS, extract_argv, full_model, reference_ids  # noqa: F401
+from tests.test_inputs import CONVERSATIONS, LONG, PROMPTS, TEXTS, extract_argv, full_model, hooked_all, reference_ids  # noqa: F401 (full_model: a fixture)
 
 VALUES = {"prompt": PROMPTS, "messages": CONVERSATIONS, "text": TEXTS}
-
-
-def hooked_all(model, ids: list[int], layer: int = 20) -> torch.Tensor:
-    """One row alone through the full model; decoder layer ``layer``'s output at every position [n, d]."""
-    seen = {}
-
-    def hook(mod, inp, out):  # returns None: the layer's output goes on unchanged
-        seen["h"] = (out[0] if isinstance(out, tuple) else out)[0].float()
-
-    handle = model.model.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.tensor([ids]))
-    finally:
-        handle.remove()
-    return seen["h"]
 
 
 def output_rows(out_dir) -> list[dict]:
@@ -202,7 +185,7 @@ def test_mode_all_writes_a_long_row_in_record_batches_of_bounded_size(tmp_path, 
     assert "1 already done, 0 to do" in out.out + out.err and "written again" not in out.out + out.err
 
 
-def test_verbalize_and_score_carry_position_and_token_id(tmp_path):
+def test_verbalize_and_score_carry_position_and_token_id(tmp_path, tokenizer):
     """A run with a reconstructor: every later output row keys back to its (id, position), and the
     README's join gives each explanation its token."""
     import pandas as pd
@@ -222,7 +205,11 @@ def test_verbalize_and_score_carry_position_and_token_id(tmp_path):
         assert out["token_id"].astype("Int64").tolist() == acts["token_id"].astype("Int64").tolist()
     assert score["fve"].notna().sum() == 3
     assert pq.read_schema(next((tmp_path / "score").rglob("chunk_*.parquet"))).field("position").type == pa.int32()
-    # The README's join back to the text (the rendered token sequence, decoded around the position).
-    from transformers import AutoTokenizer  # noqa: F401  (the README uses the base model's tokenizer)
-    joined = score.merge(expl[["id", "position", "explanation"]], on=["id", "position"])
-    assert len(joined) == 4 and joined["explanation"].notna().all()
+    # The README's join back to the text: explanations with their scores, and the token each was read at.
+    rows = expl.merge(score[["id", "position", "cosine", "fve"]], on=["id", "position"])
+    assert len(rows) == 4 and rows["explanation"].notna().all()
+    rows = rows[rows["error"].isna()].astype({"position": "int32", "token_id": "int32"})
+    rows["token"] = [tokenizer.decode([t]) for t in rows["token_id"]]
+    ids = tokenizer(LONG, add_special_tokens=True)["input_ids"]
+    assert len(rows) == 3 and (rows["id"] == "a").all()
+    assert [tokenizer.decode([ids[p]]) for p in rows["position"]] == rows["token"].tolist()
