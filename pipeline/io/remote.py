@@ -138,12 +138,21 @@ def reading(path: str, timeout_s: float):
 
 
 def _explain(e: BaseException, timeout_s: float) -> str | None:
+    """What went wrong, from the innermost cause that says: fsspec's HTTP info turns every failure
+    (a 401, a timeout) into a FileNotFoundError raised from the real one."""
+    chain = [e]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    return next((m for m in map(lambda x: _explain_one(x, timeout_s), reversed(chain)) if m), None)
+
+
+def _explain_one(e: BaseException, timeout_s: float) -> str | None:
     status = getattr(e, "status", None) if type(e).__module__.startswith("aiohttp") else None
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or type(e).__name__ == "FSTimeoutError":
         return (f"no answer within {timeout_s:g} s (data.remote_timeout_s); check the server, or raise "
                 "data.remote_timeout_s")
     if isinstance(e, FileNotFoundError) or status == 404:
-        return f"not found{' (HTTP 404)' if status else ''}; check the URL"
+        return "not found; check the URL"
     if isinstance(e, PermissionError) or status in (401, 403):
         code = f"HTTP {status}" if status else "permission denied"
         return (f"access denied ({code}); set the credentials this filesystem reads (HF_TOKEN for hf://, "
@@ -152,7 +161,7 @@ def _explain(e: BaseException, timeout_s: float) -> str | None:
         return f"HTTP {status} {getattr(e, 'message', '')}".rstrip()
     if isinstance(e, pa.ArrowInvalid):
         return f"not a readable Parquet file ({_first_line(e)})"
-    if isinstance(e, (OSError, ValueError, ConnectionError)) or type(e).__module__.startswith("aiohttp"):
+    if isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("aiohttp"):
         return f"cannot read ({type(e).__name__}: {_first_line(e)})"
     if isinstance(e, ImportError):
         return f"no filesystem for this URL ({_first_line(e)}); install the fsspec package it names"
