@@ -164,7 +164,7 @@ def _explain_one(e: BaseException, timeout_s: float) -> str | None:
     if isinstance(e, (OSError, ValueError)) or type(e).__module__.startswith("aiohttp"):
         return f"cannot read ({type(e).__name__}: {_first_line(e)})"
     if isinstance(e, ImportError):
-        return f"no filesystem for this URL ({_first_line(e)}); install the fsspec package it names"
+        return f"no filesystem for this URL ({_first_line(e)}); install it (s3fs for s3://, gcsfs for gs://)"
     return None
 
 
