@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import logging
 import os
 from urllib.parse import urlsplit
 
@@ -26,8 +25,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-
-log = logging.getLogger(__name__)
 
 
 def is_url(path: str) -> bool:
@@ -42,13 +39,17 @@ def url_stem(url: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
+def _is_http(url: str) -> bool:
+    return urlsplit(url).scheme in ("http", "https")
+
+
 def _filesystem(url: str, timeout_s: float):
     """(fsspec filesystem, path within it). HTTP gets data.remote_timeout_s as its connect and
     between-bytes limits; a whole-request limit would fail a big row group on a slow link."""
     import fsspec.core
 
     options = {}
-    if urlsplit(url).scheme in ("http", "https"):
+    if _is_http(url):
         import aiohttp
 
         options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, connect=timeout_s,
@@ -58,7 +59,7 @@ def _filesystem(url: str, timeout_s: float):
 
 def _has_glob(url: str) -> bool:
     """HTTP URLs may carry a query (``?download=true``), so there only ``*`` and ``[`` are patterns."""
-    chars = "*[" if urlsplit(url).scheme in ("http", "https") else "*?["
+    chars = "*[" if _is_http(url) else "*?["
     return any(c in url.partition("://")[2] for c in chars)
 
 
@@ -101,7 +102,8 @@ def describe(url: str, timeout_s: float) -> tuple[pq.ParquetFile, int, str, str]
         fs, path = _filesystem(url, timeout_s)
         info = fs.info(path)
         size, etag = int(info.get("size") or 0), _etag(info)
-        f = fs.open(path, "rb", size=size) if size else fs.open(path, "rb")
+        # HTTP would ask for the size again; other filesystems' files may not take the argument.
+        f = fs.open(path, "rb", **({"size": size} if size and _is_http(url) else {}))
         pf = pq.ParquetFile(f)
         return pf, size or f.size, etag, "" if etag else footer_sha256(f)
 
@@ -115,7 +117,7 @@ def open_parquet(url: str, version: str, timeout_s: float) -> pq.ParquetFile:
     now = etag or footer
     if version and now != version:
         raise PipelineError(f"{url}: changed since the run was planned (version {version} -> {now}); "
-                            "run again to resume from the new file, or with --overwrite to start clean")
+                            "the chunks done so far came from the old one: run again with --overwrite to start clean")
     return pf
 
 
