@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import load_config
+from pipeline.config import DataConfig, load_config
 from pipeline.errors import PipelineError
 from pipeline.io import remote
-from pipeline.io.shards import plan_chunks, read_values, resolve_shards
+from pipeline.io.shards import check_no_nulls, find_duplicate_ids, plan_chunks, prompts_by_id, read_values, resolve_shards
 from tests.conftest import write_parquet
 from tests.test_bad_input import expect_error, final_files
 from tests.test_extract import read_output
@@ -116,6 +116,18 @@ def test_an_http_glob_lists_the_servers_directory(tmp_path, server):
     (root / "d" / "notes.txt").write_text("not an input")
     cfg = load_config(None, [f"data.paths=[{base}/d/*.parquet]"])
     assert [s.path for s in resolve_shards(cfg.data)] == [f"{base}/d/{n}.parquet" for n in "abc"]
+
+
+def test_every_reader_of_inputs_reads_a_url(tmp_path, server):
+    """The planning checks and the report's join read URLs row group by row group, as local files."""
+    base, root, _ = server
+    write_parquet(root / "a.parquet", {"id": ["x", "y", "x", "z"], "prompt": ["p0", "p1", None, "p3"]}, row_group_size=2)
+    cfg = DataConfig(paths=[f"{base}/a.parquet"])
+    shards = resolve_shards(cfg)
+    assert find_duplicate_ids(shards, cfg) == (1, "x")
+    assert prompts_by_id(shards, cfg, {"y", "z"}) == {"y": "p1", "z": "p3"}
+    with pytest.raises(PipelineError, match=re.escape(f"{base}/a.parquet: row 2: prompt is None")):
+        check_no_nulls(shards, cfg)
 
 
 @pytest.mark.parametrize("fault, words", [(404, ["not found; check the URL"]), (401, ["access denied (HTTP 401)", "HF_TOKEN"]),
