@@ -166,10 +166,11 @@ def _row_groups(shard: Shard, version: str, groups: tuple[int, ...], columns: tu
     return _read_groups(shard, list(groups), [*columns])
 
 
-def _read_groups(shard: Shard, groups: list[int], columns: list[str]) -> pa.Table:
-    """Row groups of a shard; a URL's failure (a timeout, a dropped connection) is one line naming it."""
+def _read_groups(shard: Shard, groups: list[int], columns: list[str], pf: pq.ParquetFile | None = None) -> pa.Table:
+    """Row groups of a shard (from ``pf``, its file already open, when given); a URL's failure (a
+    timeout, a dropped connection) is one line naming it."""
     with reading(shard.path, shard.timeout_s):
-        return _parquet(shard).read_row_groups(groups, columns=columns)
+        return (pf or _parquet(shard)).read_row_groups(groups, columns=columns)
 
 
 def read_values(chunk: Chunk, data_cfg, extra: list[str] = ()) -> tuple[list[str], list, dict[str, list]]:
@@ -218,14 +219,15 @@ def check_no_nulls(shards: list[Shard], data_cfg) -> None:
         return
     col = input_column(data_cfg)
     for shard in shards:
-        meta = _parquet(shard).metadata
+        pf = _parquet(shard)
+        meta = pf.metadata
         leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == col)  # nested columns
         row = 0
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             stats = group.column(leaf).statistics
             if stats is not None and stats.has_null_count and stats.null_count:
-                nulls = _read_groups(shard, [g], [col]).column(0).is_null().to_numpy(zero_copy_only=False)
+                nulls = _read_groups(shard, [g], [col], pf).column(0).is_null().to_numpy(zero_copy_only=False)
                 first = row + int(np.argmax(nulls))
                 raise bad_row_error(shard.path, first, f"{data_cfg.format} is None, not a string", data_cfg)
             row += group.num_rows
@@ -244,12 +246,12 @@ def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, 
                     table = read_rows(shard, int(row), int(row) + 1, [input_column(data_cfg)])
                     found[f"{name}:{row}"] = row_text(table.column(0)[0].as_py(), data_cfg)
             continue
-        targets = list(wanted)
-        for g in range(_parquet(shard).metadata.num_row_groups):
-            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column]).column(0))
+        pf, targets = _parquet(shard), list(wanted)
+        for g in range(pf.metadata.num_row_groups):
+            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column], pf).column(0))
             hits = np.flatnonzero(Series(ids).isin(targets).to_numpy())  # hashed, not a Python loop per row
             if hits.size:
-                prompts = _read_groups(shard, [g], [input_column(data_cfg)]).column(0).take(hits)
+                prompts = _read_groups(shard, [g], [input_column(data_cfg)], pf).column(0).take(hits)
                 found.update((ids[i], row_text(p, data_cfg)) for i, p in zip(hits, prompts.to_pylist())
                              if ids[i] not in found)
     return found
@@ -269,9 +271,9 @@ def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
     hashes: list[np.ndarray] = []
     where: list[tuple[Shard, int, int]] = []  # (shard, first row, rows) of each hashes[] entry
     for shard in (s for s in shards if s.has_id_column):
-        row = 0
-        for g in range(_parquet(shard).metadata.num_row_groups):
-            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column]).column(0))
+        pf, row = _parquet(shard), 0
+        for g in range(pf.metadata.num_row_groups):
+            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column], pf).column(0))
             hashes.append(hash_array(ids, categorize=False))
             where.append((shard, row, len(ids)))
             row += len(ids)
