@@ -21,6 +21,7 @@ from tests.conftest import write_parquet
 from tests.test_bad_input import expect_error, final_files
 from tests.test_extract import read_output
 from tests.test_inputs import extract_argv
+from tests.test_resume import cli, kill_when, read_stage
 
 PROMPTS = {"prompt": ["What is 17 * 23?", "Name a colour.", "你好 🙂", "a", "The quick brown fox."],
            "id": ["r0", "r1", "r2", "r3", "r4"]}
@@ -176,3 +177,22 @@ def test_a_file_rewritten_after_planning_is_refused_when_read(tmp_path, server, 
     write_parquet(path, {**PROMPTS, "prompt": [p * 2 for p in PROMPTS["prompt"]]})
     with pytest.raises(PipelineError, match=re.escape(url) + ": changed since the run was planned"):
         read_values(plan_chunks(shards, 2)[0], cfg.data)
+
+
+def test_two_processes_killed_and_resumed_read_urls_as_one_reads_the_files(tmp_path, server, offline_cache):
+    """Rank 1 opens the URLs itself, from rank 0's plan (and checks their versions against it)."""
+    base, root, _ = server
+    for name in ("a", "b"):
+        write_parquet(root / f"{name}.parquet", {"id": [f"{name}{i}" for i in range(10)],
+                                                 "prompt": [f"{name} prompt {i} " * (i + 1) for i in range(10)]},
+                      row_group_size=3)
+    cli(offline_cache, "extract", root, tmp_path / "local")  # data.paths=[root/*.parquet]
+    urls = f"data.paths=[{base}/*.parquet]"  # the server's directory page, listed
+    kill_when(offline_cache, "extract", root, tmp_path / "remote", "extract/*/chunk_*.arrow", 2, urls, procs=2)
+    assert len(list((tmp_path / "remote").glob("extract/*/chunk_*.arrow"))) < 10  # killed midway
+    cli(offline_cache, "extract", root, tmp_path / "remote", urls, procs=2)
+    vectors, _, _ = read_stage(tmp_path / "remote")
+    want, _, _ = read_stage(tmp_path / "local")
+    assert list(vectors) == list(want) == [f"{n}{i}" for n in "ab" for i in range(10)]
+    for key in want:
+        np.testing.assert_array_equal(vectors[key], want[key])
