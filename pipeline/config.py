@@ -47,7 +47,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = _f([], "Parquet files or globs, in order; empty means the bundled sample prompts")
+    paths: list[str] = _f([], "Parquet files or globs, in order, local or fsspec URLs (hf://, s3://, gs://, "
+                          "https://, file://); empty means the bundled sample prompts")
     format: str = _f("prompt", "prompt|messages|text: a string rendered as one user message by the chat template; "
                      "a list of {role, content} rendered whole by it; raw text, no template")
     prompt_column: str = _f("prompt", "column holding each prompt (data.format=prompt; rendered as one user message)")
@@ -65,6 +66,8 @@ class DataConfig:
     on_bad_row: str = _f("error", "error|skip: a null, a wrong type, a malformed message list or an empty rendering "
                          "stops the run naming its file and row, or becomes an error row (null activation) and "
                          "the run goes on")
+    remote_timeout_s: float = _f(60.0, "URLs in data.paths: seconds to wait for the server (to connect, or "
+                                 "between bytes, http/https) before the read fails naming the URL")
 
 
 @dataclass
@@ -290,6 +293,8 @@ def _validate(cfg: Config) -> None:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
     if cfg.extract.min_position < 0:
         raise PipelineError(f"config key extract.min_position: must be at least 0, got {cfg.extract.min_position}")
+    if not cfg.data.remote_timeout_s > 0:
+        raise PipelineError(f"config key data.remote_timeout_s: must be more than 0, got {cfg.data.remote_timeout_s}")
     if cfg.data.max_tokens is not None and cfg.data.max_tokens < 1:
         raise PipelineError(f"config key data.max_tokens: must be at least 1 (or null), got {cfg.data.max_tokens}")
     if cfg.model.adapter and cfg.model.verbalizer:

@@ -9,19 +9,20 @@
     check_no_nulls(shards, cfg.data)          # data.on_bad_row=error: a null prompt fails before model work
     prompts_by_id(shards, cfg.data, {"a17", "b3"})   # {"a17": "...", ...}: the report joins prompts back
 
-Each Shard carries its file's identity (size, rows, a hash of the Parquet footer), which extract's
-fingerprint records. A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
+A ``data.paths`` entry may be an fsspec URL (``hf://``, ``s3://``, ``gs://``, ``https://``, ``file://``;
+see ``pipeline.io.remote``): it is read the same way, row group by row group. Each Shard carries its
+file's identity (size, rows, and a hash of the Parquet footer or, for a URL, the server's ETag when it
+gives one), which extract's fingerprint records. A chunk is a contiguous row range of one shard. Reading one only touches the row groups that cover
 it, so memory stays bounded whatever the shard's size.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import glob
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.io.remote import describe, expand_url, footer_sha256, is_url, open_parquet, reading, url_stem
 from pipeline.io.rows import check_column, input_column, is_string_like, row_problem, row_text
 
 log = logging.getLogger(__name__)
@@ -42,20 +44,29 @@ class Shard:
     path: str
     num_rows: int
     has_id_column: bool
-    size: int = 0            # bytes; with num_rows and footer_sha256, the file's identity
+    size: int = 0            # bytes; with num_rows and footer_sha256 (or etag), the file's identity
     footer_sha256: str = ""  # of the Parquet footer (schema, row groups, their statistics)
+    etag: str = ""           # a URL's ETag, when its server gives one (then the footer is not hashed)
+    timeout_s: float = field(default=60.0, compare=False)  # data.remote_timeout_s, for reading a URL
 
     @property
     def identity(self) -> dict:
         """What extract's fingerprint records of this file, so a resume after the file was rewritten
         (even under the same name) is refused instead of mixing old chunks with new ones."""
+        if self.etag:
+            return {"size": self.size, "rows": self.num_rows, "etag": self.etag}
         return {"size": self.size, "rows": self.num_rows, "parquet_footer_sha256": self.footer_sha256}
+
+    @property
+    def version(self) -> str:
+        """The content the plan saw: a URL whose version has moved by the time it is read is refused."""
+        return self.etag or self.footer_sha256
 
     @property
     def name(self) -> str:
         """Output directory name: index keeps input order under a plain sort, stem keeps it readable."""
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(self.path).stem)
-        return f"{self.index:05d}-{stem}"
+        stem = url_stem(self.path) if is_url(self.path) else Path(self.path).stem
+        return f"{self.index:05d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', stem)}"
 
 
 @dataclass(frozen=True)
@@ -74,9 +85,12 @@ def sample_prompts_path() -> str:
     return str(resources.files("pipeline") / "data" / "sample_prompts.parquet")
 
 
-def _expand(patterns: list[str]) -> list[str]:
+def _expand(patterns: list[str], timeout_s: float) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
+        if is_url(pattern):
+            files.extend(m for m in expand_url(pattern, timeout_s) if m not in files)
+            continue
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matches:
             raise PipelineError(f"data.paths: {pattern!r} matched no files")
@@ -91,29 +105,32 @@ def _open(path: str) -> pq.ParquetFile:
         raise PipelineError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from e
 
 
-def _footer_sha256(path: str) -> str:
-    """Hash of the file's Parquet footer: a file ends with the footer, its 4-byte length and b"PAR1".
-    The footer holds every row group's size, offsets and column statistics, so rewritten content
-    changes it, and reading it costs one small read whatever the file's size."""
-    with open(path, "rb") as f:
-        f.seek(-8, os.SEEK_END)
-        tail = f.read(8)
-        length = int.from_bytes(tail[:4], "little")
-        f.seek(-8 - length, os.SEEK_END)
-        return hashlib.sha256(f.read(length)).hexdigest()[:16]
+def _parquet(shard: Shard) -> pq.ParquetFile:
+    """The shard's file, open: a URL's comes from remote's cache, checked against the planned version."""
+    if is_url(shard.path):
+        return open_parquet(shard.path, shard.version, shard.timeout_s)
+    return _open(shard.path)
+
+
+def _shard(i: int, path: str, data_cfg) -> Shard:
+    """Open one file, check its columns and record its identity."""
+    timeout_s = data_cfg.remote_timeout_s
+    if is_url(path):
+        pf, size, etag, footer = describe(path, timeout_s)
+    else:
+        pf, etag = _open(path), ""
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            footer = footer_sha256(f)
+    schema = pf.schema_arrow
+    check_column(path, schema, data_cfg)
+    return Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names, size, footer, etag, timeout_s)
 
 
 def resolve_shards(data_cfg) -> list[Shard]:
     """Expand globs, open every file and check its columns, so bad input fails before model work."""
-    files = _expand(data_cfg.paths) if data_cfg.paths else [sample_prompts_path()]
-    shards = []
-    for i, path in enumerate(files):
-        pf = _open(path)
-        schema = pf.schema_arrow
-        check_column(path, schema, data_cfg)
-        shards.append(Shard(i, path, pf.metadata.num_rows, data_cfg.id_column in schema.names,
-                            os.path.getsize(path), _footer_sha256(path)))
-    return shards
+    files = _expand(data_cfg.paths, data_cfg.remote_timeout_s) if data_cfg.paths else [sample_prompts_path()]
+    return [_shard(i, path, data_cfg) for i, path in enumerate(files)]
 
 
 def plan_chunks(shards: list[Shard], chunk_rows: int) -> list[Chunk]:
@@ -124,9 +141,9 @@ def plan_chunks(shards: list[Shard], chunk_rows: int) -> list[Chunk]:
     ]
 
 
-def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
-    """Rows [start, stop) of a Parquet file, reading only the row groups that cover them."""
-    pf = _open(path)
+def read_rows(shard: Shard, start: int, stop: int, columns: list[str]) -> pa.Table:
+    """Rows [start, stop) of a shard's file, reading only the row groups that cover them."""
+    pf = _parquet(shard)
     groups, first_row, offset = [], None, 0
     for g in range(pf.metadata.num_row_groups):
         n = pf.metadata.row_group(g).num_rows
@@ -136,16 +153,24 @@ def read_rows(path: str, start: int, stop: int, columns: list[str]) -> pa.Table:
         offset += n
     if not groups:
         return pf.schema_arrow.empty_table().select(columns)
-    key = (path, os.stat(path).st_mtime_ns, tuple(groups), tuple(columns))
-    return _row_groups(*key).slice(start - first_row, stop - start)
+    # A local file's modification time tells a rewrite; a URL's version was checked when it opened.
+    version = shard.version if is_url(shard.path) else str(os.stat(shard.path).st_mtime_ns)
+    return _row_groups(shard, version, tuple(groups), tuple(columns)).slice(start - first_row, stop - start)
 
 
 @functools.lru_cache(maxsize=2)
-def _row_groups(path: str, mtime_ns: int, groups: tuple[int, ...], columns: tuple[str, ...]) -> pa.Table:
+def _row_groups(shard: Shard, version: str, groups: tuple[int, ...], columns: tuple[str, ...]) -> pa.Table:
     """Row groups are often far larger than a chunk (pyarrow's default is 1M rows); each process
     reads its chunks in order, so keeping the last groups read means each is decoded once, not once
     per chunk. Memory: at most two row groups of the prompt and id columns."""
-    return _open(path).read_row_groups(list(groups), columns=list(columns))
+    return _read_groups(shard, list(groups), [*columns])
+
+
+def _read_groups(shard: Shard, groups: list[int], columns: list[str], pf: pq.ParquetFile | None = None) -> pa.Table:
+    """Row groups of a shard (from ``pf``, its file already open, when given); a URL's failure (a
+    timeout, a dropped connection) is one line naming it."""
+    with reading(shard.path, shard.timeout_s):
+        return (pf or _parquet(shard)).read_row_groups(groups, columns=columns)
 
 
 def read_values(chunk: Chunk, data_cfg, extra: list[str] = ()) -> tuple[list[str], list, dict[str, list]]:
@@ -156,7 +181,7 @@ def read_values(chunk: Chunk, data_cfg, extra: list[str] = ()) -> tuple[list[str
     col = input_column(data_cfg)
     columns = [col] + ([data_cfg.id_column] if shard.has_id_column and data_cfg.id_column != col else [])
     columns += [c for c in extra if c not in columns]
-    table = read_rows(shard.path, chunk.start, chunk.stop, columns)
+    table = read_rows(shard, chunk.start, chunk.stop, columns)
     values = table.column(col).to_pylist()
     if shard.has_id_column:
         ids = [str(v) for v in table.column(data_cfg.id_column).to_pylist()]
@@ -165,9 +190,9 @@ def read_values(chunk: Chunk, data_cfg, extra: list[str] = ()) -> tuple[list[str
     return ids, values, {c: table.column(c).to_pylist() for c in extra}
 
 
-def read_schema(path: str) -> pa.Schema:
+def read_schema(shard: Shard) -> pa.Schema:
     """The Arrow schema of an input file (its footer only)."""
-    return _open(path).schema_arrow
+    return _parquet(shard).schema_arrow
 
 
 def read_prompts(chunk: Chunk, data_cfg) -> tuple[list[str], list]:
@@ -194,7 +219,7 @@ def check_no_nulls(shards: list[Shard], data_cfg) -> None:
         return
     col = input_column(data_cfg)
     for shard in shards:
-        pf = _open(shard.path)
+        pf = _parquet(shard)
         meta = pf.metadata
         leaf = next(i for i in range(meta.num_columns) if meta.schema.column(i).path == col)  # nested columns
         row = 0
@@ -202,7 +227,7 @@ def check_no_nulls(shards: list[Shard], data_cfg) -> None:
             group = meta.row_group(g)
             stats = group.column(leaf).statistics
             if stats is not None and stats.has_null_count and stats.null_count:
-                nulls = pf.read_row_group(g, columns=[col]).column(0).is_null().to_numpy(zero_copy_only=False)
+                nulls = _read_groups(shard, [g], [col], pf).column(0).is_null().to_numpy(zero_copy_only=False)
                 first = row + int(np.argmax(nulls))
                 raise bad_row_error(shard.path, first, f"{data_cfg.format} is None, not a string", data_cfg)
             row += group.num_rows
@@ -218,15 +243,15 @@ def prompts_by_id(shards: list[Shard], data_cfg, wanted: set[str]) -> dict[str, 
         if not shard.has_id_column:  # generated ids name their row: '<shard name>:<row>'
             for name, _, row in sorted(i.rpartition(":") for i in wanted):
                 if name == shard.name and row.isdigit() and int(row) < shard.num_rows:
-                    table = read_rows(shard.path, int(row), int(row) + 1, [input_column(data_cfg)])
+                    table = read_rows(shard, int(row), int(row) + 1, [input_column(data_cfg)])
                     found[f"{name}:{row}"] = row_text(table.column(0)[0].as_py(), data_cfg)
             continue
-        pf, targets = _open(shard.path), list(wanted)
+        pf, targets = _parquet(shard), list(wanted)
         for g in range(pf.metadata.num_row_groups):
-            ids = _id_strings(pf.read_row_group(g, columns=[data_cfg.id_column]).column(0))
+            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column], pf).column(0))
             hits = np.flatnonzero(Series(ids).isin(targets).to_numpy())  # hashed, not a Python loop per row
             if hits.size:
-                prompts = pf.read_row_group(g, columns=[input_column(data_cfg)]).column(0).take(hits)
+                prompts = _read_groups(shard, [g], [input_column(data_cfg)], pf).column(0).take(hits)
                 found.update((ids[i], row_text(p, data_cfg)) for i, p in zip(hits, prompts.to_pylist())
                              if ids[i] not in found)
     return found
@@ -246,9 +271,9 @@ def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
     hashes: list[np.ndarray] = []
     where: list[tuple[Shard, int, int]] = []  # (shard, first row, rows) of each hashes[] entry
     for shard in (s for s in shards if s.has_id_column):
-        pf, row = _open(shard.path), 0
+        pf, row = _parquet(shard), 0
         for g in range(pf.metadata.num_row_groups):
-            ids = _id_strings(pf.read_row_group(g, columns=[data_cfg.id_column]).column(0))
+            ids = _id_strings(_read_groups(shard, [g], [data_cfg.id_column], pf).column(0))
             hashes.append(hash_array(ids, categorize=False))
             where.append((shard, row, len(ids)))
             row += len(ids)
@@ -263,7 +288,7 @@ def find_duplicate_ids(shards: list[Shard], data_cfg) -> tuple[int, str | None]:
     offsets = np.cumsum([n for _, _, n in where])
     k = int(np.searchsorted(offsets, first, side="right"))  # the row group that holds it
     shard, row = where[k][0], where[k][1] + first - int(offsets[k] - where[k][2])
-    example = _id_strings(read_rows(shard.path, row, row + 1, [data_cfg.id_column]).column(0))[0]
+    example = _id_strings(read_rows(shard, row, row + 1, [data_cfg.id_column]).column(0))[0]
     return len(repeated), example
 
 

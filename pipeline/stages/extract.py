@@ -265,7 +265,7 @@ class ExtractStage:
             check_no_nulls(self.shards, self.cfg.data)
         if self.cfg.extract.positions == "column":
             for shard in self.shards:
-                check_positions_column(shard.path, read_schema(shard.path), self.cfg.extract.positions_column)
+                check_positions_column(shard.path, read_schema(shard), self.cfg.extract.positions_column)
         return [Unit(c.shard.name, c.index, c.num_rows, c) for c in plan_chunks(self.shards, self.cfg.data.chunk_rows)]
 
     def protocol_record(self) -> dict:
