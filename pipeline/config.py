@@ -127,8 +127,9 @@ class VerbalizeConfig:
 @dataclass
 class VllmConfig:
     max_num_seqs: int = _f(256, "verbalize.engine=vllm: most sequences vLLM's scheduler decodes at once")
-    gpu_memory_utilization: float = _f(0.9, "verbalize.engine=vllm: fraction of the GPU's memory vLLM may take "
-                                       "(weights + KV cache)")
+    gpu_memory_utilization: float | None = _f(None, "verbalize.engine=vllm: fraction of the GPU's memory vLLM may "
+                                              "take (weights + KV cache; on CPU, of the machine's memory); null: 0.9 "
+                                              "on CUDA, 0.3 on CPU")
     max_model_len: int | None = _f(None, "verbalize.engine=vllm: context length vLLM plans for; null: the verbalizer "
                                    "prompt's length + generation.max_new_tokens")
     enable_prefix_caching: bool = _f(True, "verbalize.engine=vllm: reuse the KV cache of the prompt prefix every "
@@ -307,7 +308,7 @@ def _validate(cfg: Config) -> None:
                        ("vllm.max_num_seqs", cfg.vllm.max_num_seqs), ("vllm.max_model_len", cfg.vllm.max_model_len or 1)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
-    if not 0 < cfg.vllm.gpu_memory_utilization <= 1:
+    if cfg.vllm.gpu_memory_utilization is not None and not 0 < cfg.vllm.gpu_memory_utilization <= 1:
         raise PipelineError("config key vllm.gpu_memory_utilization: must be in (0, 1], got "
                             f"{cfg.vllm.gpu_memory_utilization}")
     if cfg.extract.min_position < 0:
