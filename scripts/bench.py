@@ -33,7 +33,8 @@ same vectors, same settings; vLLM with ``vllm.max_num_seqs`` = ``--batch-size``)
 gets a row for each, with how many of its texts equal the card's and the first engine's. Its time,
 like every stage's, excludes start-up (model load; for vLLM the engine start, given apart).
 
-The table is written to docs/benchmarks.md (replacing the previous one for the same device kind).
+The table is written to docs/benchmarks.md (replacing the previous one for the same device kind and
+``--engines``).
 """
 from __future__ import annotations
 
@@ -443,7 +444,7 @@ def render(r: dict, device, command: str) -> str:
     pad = e["padding"]
     s = r["shape"]
     lines = [
-        f"## {device.type.upper()}: {machine(device)}",
+        f"## {device.type.upper()}{heading_engines(r['args']['engines'])}: {machine(device)}",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command}`",
@@ -497,6 +498,11 @@ def render(r: dict, device, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heading_engines(engines: str) -> str:
+    """A run with other engines gets a section of its own (it may run in another environment: vLLM's)."""
+    return "" if engines == "continuous" else f", engines {engines}"
+
+
 def engine_label(engine: str) -> str:
     return "pipeline" if engine == "continuous" else f"pipeline, {engine}"
 
@@ -527,9 +533,9 @@ def write_report(path: Path, section: str, device) -> None:
     """Replace this device kind's section of docs/benchmarks.md, keeping the others."""
     header = "# Benchmarks\n\nWritten by `scripts/bench.py`; each section is replaced when the bench runs again on that kind of device.\n"
     old = path.read_text(encoding="utf-8") if path.exists() else header
-    kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA"
+    kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA", plus ", engines ..." when --engines has more than one
     parts = re.split(r"(?m)^(?=## )", old)
-    kept = [p for p in parts[1:] if not p.startswith(kind)]
+    kept = [p for p in parts[1:] if p.split(":", 1)[0].split("\n", 1)[0] != kind]
     if not any(p.startswith("## CUDA") for p in kept + [section]):
         kept.append("## CUDA\n\nNo GPU figure has been measured yet (none was available to the sessions so far). "
                     "On a GPU run:\n`python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda`\n"
