@@ -77,10 +77,10 @@ def check(tokenizer, reference, out, eos=EOS, stop="</explanation>"):
 
 def _stop_string(tokenizer, generated):
     """A stop string the model really writes, across two tokens, in some rows but not all."""
+    texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
     for row in generated:
         for k in range(8, 60):
             stop = tokenizer.decode(row[k - 1:k])[-2:] + tokenizer.decode(row[k:k + 1])[:2]
-            texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
             if len(stop.strip()) >= 3 and 0 < sum(stop in t for t in texts) < len(texts) - 1:
                 return stop
     raise AssertionError("no stop string found")

@@ -122,6 +122,10 @@ class VerbalizeStage:
         self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet", count_rows=parquet_rows)
         self.fingerprint: str | None = None  # set by the driver from rank 0's settings
         # Every protocol value resolved (config > the verbalizer's nla_meta.yaml > default) before any work.
+        if cfg.verbalize.engine == "vllm":  # before anything is planned or written: one line naming the extra
+            from pipeline.engines.vllm_engine import import_vllm
+
+            import_vllm()
         self.source_key, self.source = verbalizer_source(cfg)
         self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg, "model.verbalizer")
         self.protocol = resolve_protocol(cfg).with_special_tokens(self.tokenizer, self.source)
