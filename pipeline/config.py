@@ -122,8 +122,25 @@ class VerbalizeConfig:
     input_dir: str | None = _f(None, "activation files to read; null means extract.output_dir")
     output_dir: str = _f("outputs/verbalize", "where explanation Parquet files are written")
     batch_size: int = _f(64, "most rows decoded at once (continuous batching refills freed slots)")
-    engine: str = _f("continuous", "continuous (shared prefix, eviction/refill) | generate (plain HF generate per batch)")
+    engine: str = _f("continuous", "continuous (shared prefix, eviction/refill) | generate (plain HF generate per batch) "
+                     "| vllm (vLLM with prompt_embeds; pip install 'nla-pipeline[vllm]'; keys vllm.*)")
     merge_lora: bool = _f(True, "merge the LoRA into the weights for inference (peft merge_and_unload)")
+
+
+@dataclass
+class VllmConfig:
+    max_num_seqs: int = _f(256, "verbalize.engine=vllm: most sequences vLLM's scheduler decodes at once")
+    gpu_memory_utilization: float | None = _f(None, "verbalize.engine=vllm: fraction of the GPU's memory vLLM may "
+                                              "take (weights + KV cache; on CPU, of the machine's memory); null: 0.9 "
+                                              "on CUDA, 0.3 on CPU")
+    max_model_len: int | None = _f(None, "verbalize.engine=vllm: context length vLLM plans for; null: the verbalizer "
+                                   "prompt's length + generation.max_new_tokens")
+    enable_prefix_caching: bool = _f(True, "verbalize.engine=vllm: reuse the KV cache of the prompt prefix every "
+                                     "row shares")
+    lora: str = _f("merged", "verbalize.engine=vllm: merged (LoRA merged into a checkpoint written once under "
+                   "vllm.merged_dir) | adapter (served as a vLLM LoRA request, max_lora_rank from adapter_config.json)")
+    merged_dir: str | None = _f(None, "verbalize.engine=vllm, vllm.lora=merged: where merged checkpoints are kept, "
+                                "one per base + adapter + dtype; null: $NLA_PIPELINE_CACHE (~/.cache/nla-pipeline)/merged")
 
 
 @dataclass
@@ -163,6 +180,7 @@ class Config:
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     verbalize: VerbalizeConfig = field(default_factory=VerbalizeConfig)
+    vllm: VllmConfig = field(default_factory=VllmConfig)
     reconstructor: ReconstructorConfig = field(default_factory=ReconstructorConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
@@ -274,7 +292,8 @@ def _validate(cfg: Config) -> None:
         "model.dtype": (cfg.model.dtype, ("auto", "bfloat16", "float16", "float32")),
         "model.device": (cfg.model.device, ("auto", "cpu", "cuda")),
         "extract.output_dtype": (cfg.extract.output_dtype, ("float32", "float16")),
-        "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate")),
+        "verbalize.engine": (cfg.verbalize.engine, ("continuous", "generate", "vllm")),
+        "vllm.lora": (cfg.vllm.lora, ("merged", "adapter")),
         "data.format": (cfg.data.format, ("prompt", "messages", "text")),
         "data.on_bad_row": (cfg.data.on_bad_row, ("error", "skip")),
         "data.truncation": (cfg.data.truncation, ("error_row", "left", "right")),
@@ -288,9 +307,13 @@ def _validate(cfg: Config) -> None:
                        ("score.max_batch_tokens", cfg.score.max_batch_tokens),
                        ("generation.max_new_tokens", cfg.generation.max_new_tokens),
                        ("report.sample_rows", cfg.report.sample_rows),
-                       ("extract.positions_per_row", cfg.extract.positions_per_row)):
+                       ("extract.positions_per_row", cfg.extract.positions_per_row),
+                       ("vllm.max_num_seqs", cfg.vllm.max_num_seqs), ("vllm.max_model_len", cfg.vllm.max_model_len or 1)):
         if value < 1:
             raise PipelineError(f"config key {key}: must be at least 1, got {value}")
+    if cfg.vllm.gpu_memory_utilization is not None and not 0 < cfg.vllm.gpu_memory_utilization <= 1:
+        raise PipelineError("config key vllm.gpu_memory_utilization: must be in (0, 1], got "
+                            f"{cfg.vllm.gpu_memory_utilization}")
     if cfg.extract.min_position < 0:
         raise PipelineError(f"config key extract.min_position: must be at least 0, got {cfg.extract.min_position}")
     if not cfg.data.remote_timeout_s > 0:

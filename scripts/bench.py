@@ -3,6 +3,7 @@
     python scripts/bench.py                      # 2-core CPU, float32, bench model at width 512 (a few minutes)
     python scripts/bench.py --quick              # smoke run (CI-sized)
     python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda   # the real 7B shape on a GPU
+    python scripts/bench.py --engines continuous,vllm   # adds vLLM (needs vLLM installed) to the verbalize rows
 
 Everything happens in one process, on one machine, with the same prompts:
 
@@ -27,11 +28,18 @@ Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> 
 ``--eos-scale`` (see pipeline.models.tiny.build_tiny_model); rows then stop at varied lengths, like real
 explanations, and the report gives the distribution.
 
-The table is written to docs/benchmarks.md (replacing the previous one for the same device kind).
+With ``--engines``, stage 2 runs once more for each engine after the first (``verbalize.engine=...``,
+same vectors, same settings; vLLM with ``vllm.max_num_seqs`` = ``--batch-size``), and the table
+gets a row for each, with how many of its texts equal the card's and the first engine's. Its time,
+like every stage's, excludes start-up (model load; for vLLM the engine start, given apart).
+
+The table is written to docs/benchmarks.md (replacing the previous one for the same device kind and
+``--engines``).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -237,6 +245,8 @@ def main(argv=None) -> int:
     g.add_argument("--card-verbalize-rows", type=int, default=6, help="rows timed with the card's per-example generate")
     g.add_argument("--max-new-tokens", type=int, default=120)
     g.add_argument("--batch-size", type=int, default=256, help="verbalize.batch_size for the pipeline")
+    g.add_argument("--engines", default="continuous",
+                   help="comma-separated verbalize.engine values, timed one after another (e.g. continuous,vllm)")
     g.add_argument("--max-batch-tokens", type=int, default=8192)
     g.add_argument("--quick", action="store_true", help="tiny smoke run: few rows, short generations")
     g = ap.add_argument_group("output")
@@ -270,6 +280,7 @@ def main(argv=None) -> int:
         f"data.paths=[{work / 'prompts.parquet'}]", "data.chunk_rows=512",
         f"extract.output_dir={work / 'extract'}", f"extract.max_batch_tokens={args.max_batch_tokens}",
         f"verbalize.output_dir={work / 'verbalize'}", f"verbalize.batch_size={args.batch_size}",
+        f"verbalize.engine={args.engines.split(',')[0]}", f"vllm.max_num_seqs={args.batch_size}",
         f"generation.max_new_tokens={args.max_new_tokens}", "log_level=WARNING"])
     rt = Runtime(0, 1, device)
     report = {"args": vars(args), "shape": shape}
@@ -350,6 +361,9 @@ def main(argv=None) -> int:
         "prompt_tokens": len(prompt.token_ids), "prefix_tokens": prompt.inject_pos,
     }
     del stage
+    report["verbalize_engines"] = other_engines(args, cfg, rt, device, work, tokenizer, texts, card_tokens, with_ceiling)
+    for other in report["verbalize_engines"].values():
+        other["useful_flops"] = verbalize_flops(mcfg, prompt.inject_pos, suffix, other.pop("generated"))
 
     # --- stage 3 ------------------------------------------------------------------------------
     from pipeline.models.reconstructor import DEFAULT_TEMPLATE
@@ -380,6 +394,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def other_engines(args, cfg, rt, device, work, tokenizer, first_texts, card_tokens, with_ceiling) -> dict:
+    """Stage 2 again with each engine after the first in ``--engines``: rows/s, tokens/s and how many
+    texts equal the card's and the first engine's."""
+    from pipeline.stages.verbalize import VerbalizeStage
+
+    results = {}
+    for engine in args.engines.split(",")[1:]:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg.verbalize.engine, run_cfg.verbalize.output_dir = engine, str(work / f"verbalize-{engine}")
+        def timed():
+            t0 = time.perf_counter()
+            return pipeline_stage(VerbalizeStage, run_cfg, rt, device), time.perf_counter() - t0
+
+        ((result, stage, mem), wall), ceilings = with_ceiling(timed)
+        table = pq.read_table(sorted(Path(run_cfg.verbalize.output_dir).glob("*/chunk_*.parquet"))[0])
+        texts, generated = table.column("explanation").to_pylist(), table.column("n_generated").to_pylist()
+        results[engine] = {
+            "rows": result.rows, "seconds": result.seconds, "generated_tokens": sum(generated), "ceilings": ceilings,
+            "startup_seconds": wall - result.seconds,  # set-up: model load, merge, engine start
+            "same_as_first": sum(a == b for a, b in zip(texts, first_texts)),
+            "card_same_text": sum(card_text(tokenizer, toks, cfg.verbalizer.stop_string) == texts[i]
+                                  for i, toks in card_tokens.items()),
+            "peak_mem_gib": mem, "generated": generated,
+            "generated_p10_p50_p90": [int(np.percentile(generated, q)) for q in (10, 50, 90)],
+        }
+        del stage
+    return results
+
+
 def machine(device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
@@ -401,7 +444,7 @@ def render(r: dict, device, command: str) -> str:
     pad = e["padding"]
     s = r["shape"]
     lines = [
-        f"## {device.type.upper()}: {machine(device)}",
+        f"## {device.type.upper()}{heading_engines(r['args']['engines'])}: {machine(device)}",
         "",
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Command: `{command}`",
@@ -433,12 +476,15 @@ def render(r: dict, device, command: str) -> str:
         f"| extract | pipeline | {e_rps:.2f} | {e['tokens'] / e['seconds']:,.0f} | {e_rps / e_card:.1f}x | {e_tok:.1f}x | "
         f"{e['useful_flops'] / e['seconds'] / 1e9:,.1f} G | {100 * e_util:.0f}% | {100 * pad:.1f}% | {e['peak_mem_gib']:.2f} GiB |",
         f"| verbalize | card, per example | {v_card:.3f} | {v['card_generated_tokens'] / v['card_seconds']:,.1f} | 1.0x | 1.0x | | | | |",
-        f"| verbalize | pipeline | {v_rps:.3f} | {v['generated_tokens'] / v['seconds']:,.1f} | {v_rps / v_card:.1f}x | {v_tok:.1f}x | "
+        f"| verbalize | {engine_label(r['args']['engines'].split(',')[0])} | {v_rps:.3f} | "
+        f"{v['generated_tokens'] / v['seconds']:,.1f} | {v_rps / v_card:.1f}x | {v_tok:.1f}x | "
         f"{v['useful_flops'] / v['seconds'] / 1e9:,.1f} G | {100 * v_util:.0f}% | 0% | {v['peak_mem_gib']:.2f} GiB |",
+        *engine_rows(r.get("verbalize_engines", {}), v, v_card),
         f"| score | pipeline | {sc['rows'] / sc['seconds']:.2f} | {sc['tokens'] / sc['seconds']:,.0f} | | | "
         f"{sc['useful_flops'] / sc['seconds'] / 1e9:,.1f} G | {100 * sc['useful_flops'] / sc['seconds'] / s_ceil:.0f}% | "
         f"| {sc['peak_mem_gib']:.2f} GiB |",
         "",
+        *engine_notes(r.get("verbalize_engines", {}), r["args"]["engines"].split(",")[0], v["rows"]),
         f"The card's extract code executes {e['card_flops'] / e['card_seconds'] / 1e9:,.1f} GFLOP/s here (all "
         "28 layers over every token, the LM head at the last one), "
         f"{100 * e['card_flops'] / e['card_seconds'] / e_ceil:.0f}% of the ceiling; a pipeline running its useful FLOPs at "
@@ -452,13 +498,44 @@ def render(r: dict, device, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def heading_engines(engines: str) -> str:
+    """A run with other engines gets a section of its own (it may run in another environment: vLLM's)."""
+    return "" if engines == "continuous" else f", engines {engines}"
+
+
+def engine_label(engine: str) -> str:
+    return "pipeline" if engine == "continuous" else f"pipeline, {engine}"
+
+
+def engine_rows(engines: dict, v: dict, v_card: float) -> list[str]:
+    """A verbalize row per engine after the first in --engines."""
+    rows = []
+    for engine, x in engines.items():
+        rps, ceiling = x["rows"] / x["seconds"], sum(x["ceilings"]) / len(x["ceilings"])
+        tok = (x["generated_tokens"] / x["seconds"]) / (v["card_generated_tokens"] / v["card_seconds"])
+        rows.append(f"| verbalize | {engine_label(engine)} | {rps:.3f} | {x['generated_tokens'] / x['seconds']:,.1f} | "
+                    f"{rps / v_card:.1f}x | {tok:.1f}x | {x['useful_flops'] / x['seconds'] / 1e9:,.1f} G | "
+                    f"{100 * x['useful_flops'] / x['seconds'] / ceiling:.0f}% | 0% | "
+                    + (f"{x['peak_mem_gib']:.2f} GiB (this process; not vLLM's workers) |" if engine == "vllm"
+                       else f"{x['peak_mem_gib']:.2f} GiB |"))
+    return rows
+
+
+def engine_notes(engines: dict, first: str, rows: int) -> list[str]:
+    notes = [f"verbalize.engine={engine}: start-up (not in its rows/s) {x['startup_seconds']:.0f} s; its texts equal the "
+             f"card's on {x['card_same_text']} of the card's rows and {first}'s on {x['same_as_first']} of {rows}; "
+             f"generated p10/p50/p90 = {'/'.join(map(str, x['generated_p10_p50_p90']))}."
+             for engine, x in engines.items()]
+    return notes + [""] if notes else []
+
+
 def write_report(path: Path, section: str, device) -> None:
     """Replace this device kind's section of docs/benchmarks.md, keeping the others."""
     header = "# Benchmarks\n\nWritten by `scripts/bench.py`; each section is replaced when the bench runs again on that kind of device.\n"
     old = path.read_text(encoding="utf-8") if path.exists() else header
-    kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA"
+    kind = section.split(":", 1)[0]  # "## CPU" or "## CUDA", plus ", engines ..." when --engines has more than one
     parts = re.split(r"(?m)^(?=## )", old)
-    kept = [p for p in parts[1:] if not p.startswith(kind)]
+    kept = [p for p in parts[1:] if p.split(":", 1)[0].split("\n", 1)[0] != kind]
     if not any(p.startswith("## CUDA") for p in kept + [section]):
         kept.append("## CUDA\n\nNo GPU figure has been measured yet (none was available to the sessions so far). "
                     "On a GPU run:\n`python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda`\n"

@@ -193,3 +193,16 @@ def test_status_plans_verbalize_from_its_input_dir(tmp_path, vectors, capsys):
     assert main(["status", "--config", TINY_CONFIG, *tiny_overrides(tmp_path, **{"verbalize.input_dir": str(acts)})]) == 0
     verbalize = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("verbalize"))
     assert "2/3 chunks done (1 pending), 4/5 rows" in verbalize
+
+
+def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path, activation_dir, capsys):
+    """Without vLLM installed, choosing its engine names the extra to install, in one line, and
+    writes nothing (tests/test_vllm.py runs the engine where vLLM is installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: tests/test_vllm.py runs its engine")
+    assert run_verbalize(tmp_path, activation_dir, "verbalize.engine=vllm") == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and 'pip install "nla-pipeline[vllm]"' in lines[0], lines
+    assert not (tmp_path / "verbalize").exists()  # refused before a fingerprint or a chunk is written

@@ -16,7 +16,8 @@ and "depth 73%" mean what they mean) at a tiny width.
 Configs refer to these as ``model.base: builtin:tiny``, ``model.adapter: builtin:tiny-lora`` and
 ``model.reconstructor: builtin:tiny-ar`` (or ``builtin:tiny-ar-lora``), and to the other
 architectures as ``builtin:tiny-qwen3``, ``builtin:tiny-llama-lora``, ``builtin:tiny-gemma3-ar`` and so
-on; they are built on first use under the cache directory (``$NLA_PIPELINE_CACHE`` or
+on (``builtin:tiny-wide`` and ``builtin:tiny-wide-lora``: the Qwen2 at width 128, head_dim 64, for vLLM);
+they are built on first use under the cache directory (``$NLA_PIPELINE_CACHE`` or
 ``~/.cache/nla-pipeline``) and then loaded with the same ``from_pretrained`` calls as a Hub model.
 """
 from __future__ import annotations
@@ -67,6 +68,8 @@ QWEN2_GENERATION_CONFIG = {
     "pad_token_id": 151643, "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
 }
 TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+# builtin:tiny-wide: the Qwen2 stand-in with head_dim 64, for vLLM, whose CPU attention has no head_dim 16.
+WIDE_SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 2}
 # Each architecture's transformers model_type and what its tiny stand-in sets beyond TINY_SHAPE: what
 # makes the architecture differ where the pipeline cares, as in its real checkpoints. ``eos_scale``
 # (see build_tiny_model) is tuned per architecture so that explanations stop at varied lengths.
@@ -119,7 +122,7 @@ def build_qwen_tokenizer(out_dir: str | os.PathLike):
     return tok
 
 
-def _write_atomically(build, final: Path) -> Path:
+def write_dir_atomically(build, final: Path) -> Path:
     """Run ``build(tmp_dir)`` and rename the directory into place, so a killed build leaves no half model."""
     if final.exists():
         if not (final / "config.json").exists() and not (final / "adapter_config.json").exists():
@@ -193,7 +196,7 @@ def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", seed: i
         model.generation_config = GenerationConfig(**QWEN2_GENERATION_CONFIG)
         model.to("cpu").save_pretrained(tmp)
 
-    return _write_atomically(build, Path(out_dir))
+    return write_dir_atomically(build, Path(out_dir))
 
 
 def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 1,
@@ -215,7 +218,7 @@ def build_tiny_adapter(base_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         model.save_pretrained(tmp)
         (tmp / "base_dir.json").write_text(json.dumps({"built_from": str(base_dir)}))
 
-    return _write_atomically(build, Path(out_dir))
+    return write_dir_atomically(build, Path(out_dir))
 
 
 def build_tiny_ar(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, layer: int = 20, seed: int = 2,
@@ -263,7 +266,7 @@ def build_tiny_ar(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, la
         }
         (tmp / "nla_meta.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
-    return _write_atomically(build, Path(out_dir))
+    return write_dir_atomically(build, Path(out_dir))
 
 
 def build_tiny_ar_lora(base_dir: str | os.PathLike, out_dir: str | os.PathLike, *, seed: int = 3) -> Path:
@@ -274,7 +277,8 @@ def build_tiny_ar_lora(base_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 KINDS = ("", "-lora", "-ar", "-ar-lora")
 # builtin:tiny is the Qwen2 (with its -lora, -ar, -ar-lora); builtin:tiny-<arch> names each architecture.
-BUILTINS = tuple(f"builtin:tiny{a}{k}" for a in ("", *(f"-{arch}" for arch in TINY_ARCHS)) for k in KINDS)
+BUILTINS = tuple(f"builtin:tiny{a}{k}" for a in ("", *(f"-{arch}" for arch in TINY_ARCHS)) for k in KINDS) + (
+    "builtin:tiny-wide", "builtin:tiny-wide-lora")
 
 
 def resolve_builtin(name: str) -> str:
@@ -282,6 +286,9 @@ def resolve_builtin(name: str) -> str:
     root = cache_dir()
     if name not in BUILTINS:
         raise PipelineError(f"unknown built-in model {name!r}: use {', '.join(BUILTINS)}")
+    if name.startswith("builtin:tiny-wide"):
+        base = build_tiny_model(root / "tiny-wide-28l", shape=WIDE_SHAPE)
+        return str(build_tiny_adapter(base, root / "tiny-wide-28l-lora")) if name.endswith("-lora") else str(base)
     rest = name.removeprefix("builtin:tiny")
     arch = next((a for a in TINY_ARCHS if rest == f"-{a}" or rest.startswith(f"-{a}-")), "qwen2")
     kind = rest.removeprefix(f"-{arch}") if rest.startswith(f"-{arch}") else rest

@@ -10,7 +10,8 @@ This is the card's protocol with its two example bugs fixed: everything generate
 card's ``generate(inputs_embeds=...)`` returns only new tokens), then cut at the stop string. Every
 row has the same prompt, so no row is padded; the attention mask is still explicit. Two engines:
 ``continuous`` (default; pipeline.engines.decoding: shared prefix, continuous batching) and ``generate``
-(transformers' generate per batch, the simple reference path).
+(transformers' generate per batch, the simple reference path), and ``vllm`` (pipeline.engines.vllm_engine,
+``pip install "nla-pipeline[vllm]"``), which streams rows across chunks as ``continuous`` does.
 """
 from __future__ import annotations
 
@@ -121,6 +122,10 @@ class VerbalizeStage:
         self.out = StageDir(cfg.verbalize.output_dir, suffix=".parquet", count_rows=parquet_rows)
         self.fingerprint: str | None = None  # set by the driver from rank 0's settings
         # Every protocol value resolved (config > the verbalizer's nla_meta.yaml > default) before any work.
+        if cfg.verbalize.engine == "vllm":  # before anything is planned or written: one line naming the extra
+            from pipeline.engines.vllm_engine import import_vllm
+
+            import_vllm()
         self.source_key, self.source = verbalizer_source(cfg)
         self.model, self.tokenizer = model, tokenizer or load_tokenizer(cfg, "model.verbalizer")
         self.protocol = resolve_protocol(cfg).with_special_tokens(self.tokenizer, self.source)
@@ -198,13 +203,20 @@ class VerbalizeStage:
             "depth_pct": self.prompt.depth_pct,
             **{f"verbalizer.{k}": v for k, v in vars(cfg.verbalizer).items() if k != "prompt_template"},
             **{f"generation.{k}": v for k, v in vars(cfg.generation).items()},
+            # continuous and generate write the same texts and keep the fingerprint they always had
+            # (their outputs resume under either); vLLM's kernels are another computation.
+            **({"verbalize.engine": "vllm", "vllm.lora": cfg.vllm.lora} if cfg.verbalize.engine == "vllm" else {}),
         }
 
     def setup(self) -> None:
-        if self.model is None:
-            self.model = load_verbalizer_model(self.cfg, self.rt.device)
         cfg = self.cfg
         self.decoder = None
+        if cfg.verbalize.engine == "vllm":  # vLLM loads the weights itself: no transformers model here
+            from pipeline.engines.vllm_engine import VllmDecoder
+
+            self.decoder = VllmDecoder(cfg, self.tokenizer, self.prompt, self.rt.device, self.dtype)
+        elif self.model is None:
+            self.model = load_verbalizer_model(self.cfg, self.rt.device)
         if cfg.verbalize.engine == "continuous":  # the shared prefix is prefilled here, once per model load
             self.decoder = Decoder(self.model, self.tokenizer, self.prompt, cfg.generation, cfg.verbalizer,
                                    max_rows=cfg.verbalize.batch_size)
@@ -214,7 +226,7 @@ class VerbalizeStage:
             "prompt_sha256": self.prompt.sha256, "depth_pct": str(self.prompt.depth_pct),
             "injection_norm": str(cfg.verbalizer.injection_norm), "stop_string": str(cfg.verbalizer.stop_string),
             "generation": json.dumps(vars(cfg.generation), sort_keys=True), "dtype": self.dtype,
-            "fingerprint": self.fingerprint,
+            "engine": cfg.verbalize.engine, "fingerprint": self.fingerprint,
         }
 
     def _generate(self, vectors: torch.Tensor) -> list[tuple[str, bool, int]]:
@@ -262,7 +274,7 @@ class VerbalizeStage:
         return stats
 
     def process_stream(self, units, progress=None):
-        """Yield (unit, stats) as chunks are written. With the continuous engine, one decoder stream
+        """Yield (unit, stats) as chunks are written. With the continuous (or vllm) engine, one decoder stream
         runs through all of ``units`` [(unit, prepared)]: the next chunk's rows fill slots as soon as
         they free up, and a chunk is written the moment its last row ends, so the batch never drains
         at a chunk boundary. A file that fails to read stops the intake; rows already in flight are
