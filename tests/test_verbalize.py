@@ -206,3 +206,16 @@ def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path, activation_dir, ca
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and 'pip install "nla-pipeline[vllm]"' in lines[0], lines
     assert not (tmp_path / "verbalize").exists()  # refused before a fingerprint or a chunk is written
+
+
+def test_vllm_adapter_mode_refuses_a_lora_on_the_embeddings(tmp_path):
+    """vllm.lora=adapter builds prompt_embeds from the base's embeddings, so a LoRA that changes them
+    is refused (before vLLM is imported) with the mode that works named."""
+    from pipeline.engines.vllm_engine import lora_rank
+    from pipeline.errors import PipelineError
+
+    for config in ({"r": 8, "target_modules": ["q_proj", "embed_tokens"]},
+                   {"r": 8, "target_modules": ["q_proj"], "modules_to_save": ["embed_tokens"]}):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(PipelineError, match="vllm.lora=merged"):
+            lora_rank(str(tmp_path))

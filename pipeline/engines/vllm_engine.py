@@ -124,6 +124,12 @@ def lora_rank(adapter_dir: str) -> int:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise PipelineError(f"model.adapter: cannot read {path} for vllm.lora=adapter: {e}") from e
+    # prompt_embeds come from the base's embedding module (_embedding): an adapter that changes the
+    # embeddings themselves would be applied to nothing here, so such an adapter is served merged.
+    touched = [config.get("target_modules"), config.get("modules_to_save")]  # a list, a regex or null
+    if any("embed_tokens" in str(names) for names in touched):
+        raise PipelineError(f"model.adapter {adapter_dir}: the LoRA changes the input embeddings, which "
+                            "vllm.lora=adapter cannot apply to prompt_embeds; use vllm.lora=merged")
     rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
     from vllm.config.lora import MaxLoRARanks
 
