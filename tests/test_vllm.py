@@ -45,8 +45,10 @@ def acts(tmp_path_factory, wide):
     return write_activation_dir(tmp_path_factory.mktemp("vllm-acts") / "extract", wide[3].numpy(), chunk_rows=3)
 
 
-def run_cli(out, acts, offline_cache, *extra):
-    cmd = [sys.executable, "-m", "pipeline", "verbalize", "--config", TINY_CONFIG, "model.base=builtin:tiny-wide",
+def run_cli(out, acts, offline_cache, *extra, procs=1, base="builtin:tiny-wide"):
+    launcher = [sys.executable, "-m", "pipeline"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m", "pipeline"]
+    cmd = [*launcher, "verbalize", "--config", TINY_CONFIG, f"model.base={base}",
            "model.adapter=builtin:tiny-wide-lora", "verbalize.engine=vllm", "vllm.max_num_seqs=2",
            f"verbalize.input_dir={acts}", f"verbalize.output_dir={out}", *extra]
     env = {**os.environ, "NLA_PIPELINE_CACHE": str(offline_cache), "HF_HUB_OFFLINE": "1"}
@@ -120,3 +122,50 @@ def test_adapter_lora_matches_the_card(tmp_path, wide, acts, offline_cache):
     out = tmp_path / "out"
     run_cli(out, acts, offline_cache, "vllm.lora=adapter", f"generation.eos_token_ids={list(eos)}")
     check(tokenizer, reference, out, eos=eos, stop="</explanation>")
+
+
+@pytest.fixture(scope="module")
+def bang(tmp_path_factory, wide):
+    """builtin:tiny-wide with its LM-head row of token 0 (``!``) set to 1.02 x the row of the token
+    the card's texts use most: where that token would win, ``!`` now wins by 2%, less than the 5%
+    repetition penalty. The card's generate penalizes generated tokens only, so it writes ``!`` there
+    (once); a penalty that counted ``!`` as seen before the first step would write the other token.
+    (base dir, the card's generated tokens per vector on it)."""
+    import collections
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base, adapter, tokenizer, vectors, reference = wide
+    top = collections.Counter(t for row in reference for t in row if t not in EOS).most_common(1)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[0] = 1.02 * model.lm_head.weight[top]
+    out = tmp_path_factory.mktemp("bang") / "tiny-wide-bang"
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    card = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), adapter).eval()
+    bang_reference = [card_generate(card, tokenizer, v) for v in vectors]
+    assert sum(0 in row for row in bang_reference) >= N // 2, "the card's texts should write '!' in most rows"
+    return out, bang_reference
+
+
+def test_two_processes_and_the_penalty_over_generated_tokens_only(tmp_path, wide, bang, acts, offline_cache):
+    """Two processes (torchrun), one vLLM engine each, on the model that writes ``!`` where the
+    penalty's scope decides it: the card's texts, every chunk once, one rank merging the LoRA while
+    the other waits for it and loads what it wrote."""
+    tokenizer = wide[2]
+    base, reference = bang
+    eos = (_eos_id(reference), *EOS)  # so that some rows stop
+    out = tmp_path / "out"
+    run_cli(out, acts, offline_cache, f"vllm.merged_dir={tmp_path / 'merged'}", "vllm.gpu_memory_utilization=0.15",
+            f"generation.eos_token_ids={list(eos)}", "model.allow_adapter_base_mismatch=true",  # the LoRA is tiny-wide's
+            procs=2, base=str(base))
+    check(tokenizer, reference, out, eos=eos)
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("rank*.log")}
+    assert sorted(logs) == ["rank00000.log", "rank00001.log"]
+    assert "rank 1 of 2" in logs["rank00001.log"]
+    said = [sum(phrase in text for text in logs.values()) for phrase in ("merging", "loads the merged checkpoint")]
+    assert said == [1, 1], logs
+    assert len(list((tmp_path / "merged").glob("*/config.json"))) == 1

@@ -22,20 +22,20 @@ What it keeps from the other engines, and how:
   other engines, so the stop string is cut, not kept.
 - **LoRA, two ways** (``vllm.lora``): ``merged`` writes base + LoRA merged into the weights once,
   atomically, under ``vllm.merged_dir``, in a directory named by a hash of the base, the adapter's
-  files and the dtype, and reuses it in later runs; ``adapter`` serves the LoRA as a vLLM LoRA
+  files and the dtype, and reuses it in later runs (the first process on a node merges, the others
+  wait for it on a lock file, then load it); ``adapter`` serves the LoRA as a vLLM LoRA
   request, ``max_lora_rank`` read from its ``adapter_config.json``.
 - **A full scheduler.** ``stream`` reads rows lazily and keeps ``2 * vllm.max_num_seqs`` requests
   in vLLM at all times, chunk boundaries included: a finished row's slot is refilled at the next
   step from the waiting requests, as the ``continuous`` engine refills its batch.
-
-One difference we cannot remove from outside: with ``prompt_embeds`` vLLM knows no prompt token ids,
-and its penalty code reads the prompt columns of its token table, which are zero: token id 0 (``!``
-in Qwen's vocabulary) counts as "seen" for the repetition penalty from the first step, where ours
-penalizes only generated tokens. It changes a token only where ``!`` is the argmax by less than the
-penalty's margin; the tests compare texts with the card's reference to catch it.
+- **The same penalty.** vLLM's repetition penalty covers the prompt's token ids too, and with
+  ``prompt_embeds`` alone it holds zeros there, so ``!`` (id 0 in Qwen's vocabulary) would count as
+  seen from the first step. Each request therefore names its prompt ids as ``vocab_size``, an id the
+  penalty drops (see ``_enqueue``): only generated tokens are penalized, as in the card's generate.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -45,8 +45,10 @@ import os
 import typing
 from collections.abc import Hashable, Iterable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
+from filelock import FileLock
 
 from pipeline.errors import PipelineError
 from pipeline.models.modeling import load_errors, load_verbalizer_model, model_identity, resolve_source
@@ -94,19 +96,40 @@ def merged_key(cfg, dtype: str) -> str:
 
 def merged_checkpoint(cfg, tokenizer, device: torch.device, dtype: str) -> Path:
     """model.base + model.adapter merged into the weights, written once and reused; its path."""
-    from pipeline.models.tiny import cache_dir, write_dir_atomically
+    from pipeline.models.tiny import cache_dir
 
     root = Path(os.path.expanduser(cfg.vllm.merged_dir)) if cfg.vllm.merged_dir else cache_dir() / "merged"
     final = root / merged_key(cfg, dtype)
     if (final / "config.json").exists():
         log.info("verbalize: vLLM loads the merged checkpoint %s (written by an earlier run)", final)
         return final
+    root.mkdir(parents=True, exist_ok=True)
+    # One merge per node, not one per rank: eight ranks starting at once would each load, merge and
+    # write the full model. The first takes the lock and merges; the others wait for it, then load
+    # what it wrote. (write_dir_atomically stays race-safe where the filesystem ignores locks.)
+    with FileLock(str(root / f".{final.name}.lock")):
+        if (final / "config.json").exists():
+            log.info("verbalize: vLLM loads the merged checkpoint %s (written by another process)", final)
+            return final
+        return _merge(cfg, tokenizer, device, final)
+
+
+def _merge(cfg, tokenizer, device: torch.device, final: Path) -> Path:
+    from pipeline.models.tiny import write_dir_atomically
 
     def build(tmp: Path) -> None:
         merged = copy.copy(cfg)
         merged.verbalize = dataclasses.replace(cfg.verbalize, merge_lora=True)
         model = load_verbalizer_model(merged, device)
-        model.save_pretrained(tmp)
+        # Under torchrun, transformers writes weights only on torch.distributed rank 0 (it assumes a
+        # sharded model whose rank 0 gathers), but this merge is whole on whichever rank took the lock.
+        with contextlib.ExitStack() as stack:
+            if hasattr(model, "should_save_on_this_rank"):
+                stack.enter_context(mock.patch.object(model, "should_save_on_this_rank", return_value=True))
+            model.save_pretrained(tmp)
+        if not (tmp / "config.json").exists():
+            raise PipelineError(f"vllm.lora=merged: transformers wrote no model to {tmp} (a multi-process run?): "
+                                "run once in one process to write the merged checkpoint, or use vllm.lora=adapter")
         tokenizer.save_pretrained(tmp)
         del model
         if device.type == "cuda":
@@ -190,6 +213,7 @@ class VllmDecoder:
             generation_config="vllm",  # our config decides decoding, never the checkpoint's generation_config.json
             **kwargs)
         self.params = self._sampling_params(vllm.SamplingParams, cfg)
+        self.no_token = self.llm.llm_engine.model_config.get_vocab_size()  # see _enqueue
 
     @staticmethod
     def _sampling_params(SamplingParams, cfg):
@@ -206,8 +230,14 @@ class VllmDecoder:
         """Submit rows [(key, vector)]; the engine's request ids, in order."""
         embeds = inject(self.embedding, self.prompt, torch.stack([v for _, v in rows]),
                         self.cfg.verbalizer.injection_norm)  # [n, prompt_len, d_model]
-        return self.llm.enqueue([{"prompt_embeds": e} for e in embeds], self.params, lora_request=self.lora_request,
-                                use_tqdm=False)
+        # Every position comes from prompt_embeds (prompt_is_token_ids all False), and the token ids
+        # vLLM keeps for the prompt are `vocab_size`, the id its penalty code pads with and drops: so
+        # the repetition penalty sees generated tokens only, as transformers' generate from
+        # inputs_embeds does. With prompt_embeds alone vLLM would hold zeros there, and penalize id 0.
+        n = embeds.shape[1]
+        placeholder = {"prompt_token_ids": [self.no_token] * n, "prompt_is_token_ids": [False] * n}
+        return self.llm.enqueue([{"prompt_embeds": e, **placeholder} for e in embeds], self.params,
+                                lora_request=self.lora_request, use_tqdm=False)
 
     @torch.inference_mode()
     def stream(self, rows: Iterable[tuple[Hashable, torch.Tensor]], progress=None
