@@ -112,7 +112,9 @@ def describe(url: str, timeout_s: float) -> tuple[pq.ParquetFile, int, str, str]
 def open_parquet(url: str, version: str, timeout_s: float) -> pq.ParquetFile:
     """The Parquet file at ``url``, kept open: each record batch then costs its own ranged reads, not
     a new connection and footer. ``version`` is the ETag or footer hash the plan recorded; a file
-    whose version has moved since (rewritten mid-run) is refused rather than mixed into the output."""
+    whose version has moved since (rewritten mid-run) is refused rather than mixed into the output.
+    The planning process described this URL already; describing it again here costs one info request
+    and one footer read per file and process, and it is what sees a rewrite between planning and reading."""
     pf, _, etag, footer = describe(url, timeout_s)
     now = etag or footer
     if version and now != version:
