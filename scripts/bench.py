@@ -4,6 +4,7 @@
     python scripts/bench.py --quick              # smoke run (CI-sized)
     python scripts/bench.py --shape qwen2.5-7b --dtype bfloat16 --device cuda   # the real 7B shape on a GPU
     python scripts/bench.py --engines continuous,vllm   # adds vLLM (needs vLLM installed) to the verbalize rows
+    python scripts/bench.py --engines continuous,vllm,vllm-adapter   # both vllm.lora modes side by side
 
 Everything happens in one process, on one machine, with the same prompts:
 
@@ -29,7 +30,8 @@ Random weights rarely emit EOS, so the bench model's LM-head row for <|im_end|> 
 explanations, and the report gives the distribution.
 
 With ``--engines``, stage 2 runs once more for each engine after the first (``verbalize.engine=...``,
-same vectors, same settings; vLLM with ``vllm.max_num_seqs`` = ``--batch-size``), and the table
+same vectors, same settings; vLLM with ``vllm.max_num_seqs`` = ``--batch-size``; ``vllm`` is
+``vllm.lora=merged``, ``vllm-adapter`` is ``vllm.lora=adapter``), and the table
 gets a row for each, with how many of its texts equal the card's and the first engine's. Its time,
 like every stage's, excludes start-up (model load; for vLLM the engine start, given apart).
 
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
     g.add_argument("--max-new-tokens", type=int, default=120)
     g.add_argument("--batch-size", type=int, default=256, help="verbalize.batch_size for the pipeline")
     g.add_argument("--engines", default="continuous",
-                   help="comma-separated verbalize.engine values, timed one after another (e.g. continuous,vllm)")
+                   help="comma-separated verbalize.engine values, timed one after another (e.g. continuous,vllm); "
+                        "vllm-adapter is vllm with vllm.lora=adapter (not first)")
     g.add_argument("--max-batch-tokens", type=int, default=8192)
     g.add_argument("--quick", action="store_true", help="tiny smoke run: few rows, short generations")
     g = ap.add_argument_group("output")
@@ -403,6 +406,8 @@ def other_engines(args, cfg, rt, device, work, tokenizer, first_texts, card_toke
     for engine in args.engines.split(",")[1:]:
         run_cfg = copy.deepcopy(cfg)
         run_cfg.verbalize.engine, run_cfg.verbalize.output_dir = engine, str(work / f"verbalize-{engine}")
+        if engine == "vllm-adapter":  # the other vllm.lora mode, timed beside the default (merged)
+            run_cfg.verbalize.engine, run_cfg.vllm.lora = "vllm", "adapter"
         def timed():
             t0 = time.perf_counter()
             return pipeline_stage(VerbalizeStage, run_cfg, rt, device), time.perf_counter() - t0
@@ -507,6 +512,12 @@ def engine_label(engine: str) -> str:
     return "pipeline" if engine == "continuous" else f"pipeline, {engine}"
 
 
+def engine_setting(engine: str) -> str:
+    """The config an --engines name stands for."""
+    lora = {"vllm": " vllm.lora=merged", "vllm-adapter": " vllm.lora=adapter"}.get(engine, "")
+    return f"verbalize.engine={engine.removesuffix('-adapter')}{lora}"
+
+
 def engine_rows(engines: dict, v: dict, v_card: float) -> list[str]:
     """A verbalize row per engine after the first in --engines."""
     rows = []
@@ -516,13 +527,13 @@ def engine_rows(engines: dict, v: dict, v_card: float) -> list[str]:
         rows.append(f"| verbalize | {engine_label(engine)} | {rps:.3f} | {x['generated_tokens'] / x['seconds']:,.1f} | "
                     f"{rps / v_card:.1f}x | {tok:.1f}x | {x['useful_flops'] / x['seconds'] / 1e9:,.1f} G | "
                     f"{100 * x['useful_flops'] / x['seconds'] / ceiling:.0f}% | 0% | "
-                    + (f"{x['peak_mem_gib']:.2f} GiB (this process; not vLLM's workers) |" if engine == "vllm"
+                    + (f"{x['peak_mem_gib']:.2f} GiB (this process; not vLLM's workers) |" if engine.startswith("vllm")
                        else f"{x['peak_mem_gib']:.2f} GiB |"))
     return rows
 
 
 def engine_notes(engines: dict, first: str, rows: int) -> list[str]:
-    notes = [f"verbalize.engine={engine}: start-up (not in its rows/s) {x['startup_seconds']:.0f} s; its texts equal the "
+    notes = [f"{engine_setting(engine)}: start-up (not in its rows/s) {x['startup_seconds']:.0f} s; its texts equal the "
              f"card's on {x['card_same_text']} of the card's rows and {first}'s on {x['same_as_first']} of {rows}; "
              f"generated p10/p50/p90 = {'/'.join(map(str, x['generated_p10_p50_p90']))}."
              for engine, x in engines.items()]
